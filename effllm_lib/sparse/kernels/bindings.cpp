@@ -3,24 +3,39 @@
 // torch's OpenMP pool, so torch.set_num_threads controls it; _build.py compiles with -fopenmp, without which
 // at::parallel_for silently runs on one thread).
 //
-// Error path: no C++ exception ever leaves this file. Every entry point returns a std::string, empty on
-// success, else the reason; sparse_linear.py raises it as a Python error. On the device machine a
-// TORCH_CHECK thrown here and translated by pybind11 crashed the process (a C++ exception crossing the
-// module boundary of an extension built by another compiler than torch is not safe to unwind), so the
-// checks below only build a message (c10::str) and return; kernels and parallel regions never throw.
+// Error path: no C++ exception ever leaves this file, and no message goes through an iostream. Every entry
+// point returns a std::string, empty on success, else the reason; sparse_linear.py raises it as a Python
+// error. On the device machine (torch 2.11 wheel, extension built there by g++ 13) formatting an integer with
+// std::ostream inside the extension (c10::str, which TORCH_CHECK also uses) segfaults, measured case by case:
+// messages made only of strings and dtype names came back, every message with an int64 in it crashed. So
+// messages are built by eff_msg below (std::string + std::to_string), and kernels never throw.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <atomic>
 #include <string>
+#include <type_traits>
 
 #include "sparse_kernels.h"
 
+// A message from strings, integers and dtype names, without iostreams (see above).
+inline void eff_append(std::string& s, const char* v) { s += v; }
+inline void eff_append(std::string& s, const std::string& v) { s += v; }
+inline void eff_append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
+template <typename T, typename std::enable_if<std::is_integral<T>::value, int>::type = 0>
+inline void eff_append(std::string& s, T v) { s += std::to_string(v); }
+template <typename... Args>
+std::string eff_msg(const Args&... args) {
+  std::string s;
+  (eff_append(s, args), ...);
+  return s;
+}
+
 // Return the message from the enclosing function (std::string) when cond is false.
-#define EFF_CHECK(cond, ...)                 \
-  do {                                       \
-    if (!(cond)) return c10::str(__VA_ARGS__); \
+#define EFF_CHECK(cond, ...)                   \
+  do {                                         \
+    if (!(cond)) return eff_msg(__VA_ARGS__);  \
   } while (0)
 // Propagate a non-empty message from a helper check.
 #define EFF_TRY(expr)                  \
@@ -50,8 +65,8 @@ bool has_amx_int8_kernel() { return has_amx_bf16_kernel() && cpu().amx_int8; }
 
 std::string check_2d(const torch::Tensor& t, const char* name, torch::ScalarType dtype) {
   EFF_CHECK(t.defined() && t.device().is_cpu(), name, " must be a CPU tensor");
-  EFF_CHECK(t.scalar_type() == dtype, name, " must be ", c10::toString(dtype), ", got ",
-            c10::toString(t.scalar_type()));
+  EFF_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ",
+            t.scalar_type());
   EFF_CHECK(t.dim() == 2 && t.stride(1) == 1 && (t.size(0) <= 1 || t.stride(0) >= t.size(1)), name,
             " must be 2-D with contiguous rows");
   return {};
@@ -59,8 +74,8 @@ std::string check_2d(const torch::Tensor& t, const char* name, torch::ScalarType
 
 std::string check_vec(const torch::Tensor& t, const char* name, torch::ScalarType dtype, int64_t min_numel) {
   EFF_CHECK(t.defined() && t.device().is_cpu() && t.is_contiguous(), name, " must be a contiguous CPU tensor");
-  EFF_CHECK(t.scalar_type() == dtype, name, " must be ", c10::toString(dtype), ", got ",
-            c10::toString(t.scalar_type()));
+  EFF_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ",
+            t.scalar_type());
   EFF_CHECK(t.numel() >= min_numel, name, " has ", t.numel(), " elements, needs at least ", min_numel);
   return {};
 }
@@ -73,7 +88,7 @@ std::string check_weight(const torch::Tensor& bitmaps, torch::ScalarType bitmap_
   EFF_CHECK(bitmaps.defined() && bitmaps.device().is_cpu() && bitmaps.dim() == 3 && bitmaps.size(2) == 16 &&
                 bitmaps.is_contiguous(),
             "bitmaps must be a contiguous CPU tensor [strips, k_tiles, 16]");
-  EFF_CHECK(bitmaps.scalar_type() == bitmap_dtype, "bitmaps must be ", c10::toString(bitmap_dtype));
+  EFF_CHECK(bitmaps.scalar_type() == bitmap_dtype, "bitmaps must be ", bitmap_dtype);
   const int64_t strips = bitmaps.size(0);
   EFF_CHECK(n > 0 && (n + 15) / 16 == strips, "out_features ", n, " does not match ", strips, " strips");
   EFF_TRY(check_vec(offsets, "strip_offsets", torch::kInt64, strips + 1));
