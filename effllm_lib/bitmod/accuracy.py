@@ -169,13 +169,18 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
 
 
 # ---------------------------------------------------------------------------------- files-only entry point
-def load_gguf(gguf: str | Path, tokenizer_dir: str | Path, device: str = "cpu"):
-    """(float model, tokenizer) from a GGUF file (dequantized by transformers) and a tokenizer folder."""
+def load_gguf(gguf: str | Path, tokenizer_dir: str | Path | None = None, device: str = "cpu"):
+    """(float model, tokenizer) from a GGUF file (dequantized by transformers) and a tokenizer folder, or the
+    GGUF's own tokenizer when ``tokenizer_dir`` is None (what ``effllm_lib.models`` builds its folders from)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"no GGUF file at {gguf}")
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = (AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name) if tokenizer_dir is None
+                 else AutoTokenizer.from_pretrained(tokenizer_dir))
+    return model.to(device).eval(), tokenizer
 
 
 def main(argv=None) -> int:
@@ -185,7 +190,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="name recorded in the results (e.g. smollm2-135m)")
     ap.add_argument("--gguf", required=True)
-    ap.add_argument("--tokenizer", required=True)
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the GGUF's own tokenizer)")
     ap.add_argument("--text", action="append", default=[], help="corpus=path.txt (repeatable)")
     ap.add_argument("--tasks-dir", help="folder of BIG-bench <task>/task.json files for zero-shot")
     ap.add_argument("--max-windows", type=int, default=None)
@@ -194,8 +199,20 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True, help="folder for the results files")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--what", default="ppl,zeroshot")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated data types of the perplexity sweep")
+    ap.add_argument("--bits", default="3,4", help="bit widths of the perplexity sweep")
     ap.add_argument("--zero-shot-bits", default="4,3", help="bit widths of the zero-shot sweep")
     args = ap.parse_args(argv)
+    methods = tuple(m for m in args.methods.split(",") if m)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        ap.error(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    # every input file is checked before the (slow) model load, so a typo fails in a second, not a minute
+    if not Path(args.gguf).is_file():
+        raise FileNotFoundError(f"no GGUF file at {args.gguf}")
+    for spec in args.text:
+        if "=" not in spec or not Path(spec.split("=", 1)[1]).is_file():
+            raise FileNotFoundError(f"--text wants name=path to an existing text file, got {spec!r}")
     out = Path(args.out)
     load = lambda: load_gguf(args.gguf, args.tokenizer, args.device)  # noqa: E731
     what = set(args.what.split(","))
@@ -206,7 +223,8 @@ def main(argv=None) -> int:
         for spec in args.text:
             name, path = spec.split("=", 1)
             texts[name] = Path(path).read_text()
-        df = perplexity_sweep(load, texts, seq_len=args.seq_len, max_windows=args.max_windows,
+        df = perplexity_sweep(load, texts, methods=methods, bits=tuple(int(b) for b in args.bits.split(",")),
+                              seq_len=args.seq_len, max_windows=args.max_windows,
                               model_name=args.model, progress=False, log=lambda m: print(m, flush=True))
         results.save(df, "bitmod", f"perplexity_{args.model}", params=params, scale="full", extra=extra,
                      path=out / f"perplexity_{args.model}.csv")

@@ -226,6 +226,11 @@ OPTIMIZATIONS = {
     "combined": {"max_batch_size": 8, "reduced": True, "normalize_on": "device", "workers": 2},
     "combined, 1 worker": {"max_batch_size": 8, "reduced": True, "normalize_on": "device"},
 }
+# On a CUDA server: the JPEG bytes go to the GPU and nvJPEG decodes and resizes there (torchvision.io).
+GPU_OPTIMIZATIONS = {
+    "nvJPEG decode + resize on the GPU": {"decoder": "nvjpeg"},
+    "combined, GPU decode": {"max_batch_size": 8, "decoder": "nvjpeg", "normalize_on": "device", "workers": 2},
+}
 OPT_SCALES = {
     "ci": {"configs": ("naive", "combined"), "size": "small", "per_size": 2, "concurrency": 8, "duration": 2.0,
            "passes": 1},
@@ -250,13 +255,17 @@ def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: 
 
     if scale not in OPT_SCALES:
         raise ValueError(f"scale must be one of {', '.join(OPT_SCALES)}")
-    p = OPT_SCALES[scale]
+    p = dict(OPT_SCALES[scale])
+    designs = dict(OPTIMIZATIONS)
+    if (server or {}).get("accelerator") == "cuda":
+        designs.update(GPU_OPTIMIZATIONS)
+        p["configs"] = tuple(p["configs"]) + tuple(GPU_OPTIMIZATIONS)
     imgs = _images.photos(p["size"], p["per_size"])
     load_before, rows = machine_load(), []
     with contextlib.ExitStack() as stack:
         servers = {}
         for name in p["configs"]:
-            proc = ServerProcess(ServerConfig(**{**NAIVE, **(server or {}), **OPTIMIZATIONS[name]}), log_path=log_path)
+            proc = ServerProcess(ServerConfig(**{**NAIVE, **(server or {}), **designs[name]}), log_path=log_path)
             stack.enter_context(proc)
             loadgen.closed_loop(proc.url, imgs, concurrency=2, requests=4)
             proc.pause()
@@ -287,7 +296,7 @@ def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: 
     out = {"runs": runs, "summary": med, "claims": claims}
     if save:
         extra = {"load_before": load_before, "load_after": machine_load(), "naive": NAIVE,
-                 "optimizations": OPTIMIZATIONS}
+                 "optimizations": {k: designs[k] for k in p["configs"]}, "server": server or {}}
         for name, key in (("optimizations_runs", "runs"), ("optimizations", "summary"),
                           ("claims_optimizations", "claims")):
             if not (tag and key == "claims"):
