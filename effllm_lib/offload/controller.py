@@ -174,7 +174,10 @@ class Session:
     def sample(self, logits: torch.Tensor) -> int:
         if self.temperature <= 0:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits / self.temperature, dim=-1)
+        # float32 probabilities, drawn on the generator's device (a CPU generator: the same stream on any device)
+        probs = torch.softmax(logits.float() / self.temperature, dim=-1)
+        if self.generator is not None and probs.device != self.generator.device:
+            probs = probs.to(self.generator.device)
         return int(torch.multinomial(probs, 1, generator=self.generator))
 
     # -- text level
@@ -497,7 +500,7 @@ class Controller:
             for _ in range(self.probe_tokens):
                 with torch.inference_mode():
                     t = torch.tensor([ids], device=small.device)
-                    logits = small.model(input_ids=t, position_ids=torch.arange(len(ids))[None],
+                    logits = small.model(input_ids=t, position_ids=torch.arange(len(ids), device=small.device)[None],
                                          use_cache=False, logits_to_keep=1).logits[0, -1].float()
                 small.stats.forward_calls += 1
                 tok = small.sample(logits)
