@@ -130,12 +130,14 @@ def _check_name(chapter: str, name: str) -> None:
 
 
 def save(df: pd.DataFrame, chapter: str, name: str, *, params: dict | None = None, scale: str,
-         extra: dict | None = None, path: str | os.PathLike | None = None) -> Path:
+         extra: dict | None = None, path: str | os.PathLike | None = None,
+         hardware: dict | None = None) -> Path:
     """Write ``df`` with provenance to ``data/results/<chapter>/<name>.csv`` (or ``path``), atomically.
 
     ``params`` are the parameters that produced the table (JSON-serializable); ``scale`` says whether it
     is a CI-sized run or the full one the book shows; ``extra`` adds free-form provenance (e.g. a model's
-    size). Returns the path written.
+    size); ``hardware`` replaces this machine's description when the numbers were measured elsewhere (a
+    table merged here from logs written on the device machine). Returns the path written.
 
     If the file already holds exactly this table from the same parameters and scale, it is left alone:
     rerunning a deterministic notebook does not churn committed files, and the provenance keeps naming
@@ -147,6 +149,8 @@ def save(df: pd.DataFrame, chapter: str, name: str, *, params: dict | None = Non
     if not isinstance(df, pd.DataFrame) or df.empty:
         raise ValueError("save() needs a non-empty pandas DataFrame")
     meta = provenance(chapter, name, params, scale)
+    if hardware is not None:
+        meta["hardware"] = hardware
     if extra:
         meta["extra"] = extra
     try:

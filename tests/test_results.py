@@ -133,3 +133,11 @@ def test_commit_from_environment(monkeypatch):
     assert results.git_state() == {"commit": "f" * 40, "dirty": None}
     monkeypatch.setenv("EFFLLM_DIRTY", "0")
     assert results.git_state()["dirty"] is False
+
+
+def test_save_records_the_hardware_of_the_machine_that_measured(tmp_data):
+    """A table merged here from another machine's logs names that machine, not this one."""
+    df = pd.DataFrame({"a": [1]})
+    path = results.save(df, "splitreason", "elsewhere", scale="full", hardware={"gpu": "NVIDIA H100 80GB HBM3"})
+    text = path.read_text()
+    assert '# hardware: {"gpu": "NVIDIA H100 80GB HBM3"}' in text

@@ -745,6 +745,9 @@ def merge(log_dir: str | os.PathLike, problems: str | os.PathLike | None = None,
     if tp:
         extra["throughput_tok_s"] = {role: {"prefill": tp[role]["prefill_tok_s"], "decode": tp[role]["decode_tok_s"],
                                             "prompt_tokens": tp[role]["prompt_tokens"]} for role in ("small", "big")}
+    # the numbers were measured on the run's machine: its description goes in the hardware field
+    run_hardware = {**{k: v for k, v in run_hw.items() if v is not None}, "merged_on": results.hardware()["cpu"]} \
+        if run_hw else None
     if out is not None:
         out = Path(out)
         paths = {"summary": out, "records": out.with_name(out.stem + "_records.csv"),
@@ -752,17 +755,17 @@ def merge(log_dir: str | os.PathLike, problems: str | os.PathLike | None = None,
     else:
         paths = {"summary": None, "records": None, "latency": None}
     written = {"summary": results.save(summary, "splitreason", name, params=params, scale=scale, extra=extra,
-                                       path=paths["summary"])}
+                                       path=paths["summary"], hardware=run_hardware)}
     keep = [c for c in recs.columns if c not in ("text",)]
     written["records"] = results.save(recs[keep], "splitreason", f"{name}_records", params=params, scale=scale,
-                                      extra=extra, path=paths["records"])
+                                      extra=extra, path=paths["records"], hardware=run_hardware)
     lat = None
     if tp:
         pair = PairThroughput(Throughput(tp["small"]["prefill_tok_s"], tp["small"]["decode_tok_s"]),
                               Throughput(tp["big"]["prefill_tok_s"], tp["big"]["decode_tok_s"]))
         lat = latency_table(recs, pair, chunk_tokens=settings["controller"]["chunk_tokens"])
         written["latency"] = results.save(lat, "splitreason", latency_name, params=params, scale=scale,
-                                          extra=extra, path=paths["latency"])
+                                          extra=extra, path=paths["latency"], hardware=run_hardware)
     print(f"merged {len(complete)} problems x {len(labels)} modes ({changed} completions re-scored differently); "
           f"wrote " + ", ".join(str(p) for p in written.values()), flush=True)
     return {"summary": summary, "records": recs, "latency": lat, "paths": written}
