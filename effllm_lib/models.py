@@ -83,10 +83,35 @@ def _gguf_sha(name: str) -> str:
     return next(iter(files.values()))
 
 
+def convert_gguf(gguf: Path, target: Path, dtype: torch.dtype = torch.float32) -> None:
+    """Write a transformers folder (weights in ``dtype``, the GGUF's tokenizer, a ``.complete`` marker) at
+    ``target``, atomically. transformers dequantizes the GGUF but refuses to save a GGUF-loaded model, so the
+    weights move into a model built from the same config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # assign=True adopts the dequantized tensors instead of copying them (no second copy in memory)
+    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False, assign=True)
+    tied = getattr(config, "tie_word_embeddings", False)
+    if unexpected or [k for k in missing if not (tied and k.startswith("lm_head"))]:
+        raise RuntimeError(f"converting {gguf.name}: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    model = model.to(dtype)
+    with atomic_dir(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / ".complete").write_text(gguf.name + "\n")
+
+
 def hf_dir(name: str) -> Path:
     """The cached float transformers folder of a packaged model, converting the GGUF on first use."""
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _spec(name)
     major = transformers.__version__.split(".")[0]
@@ -99,23 +124,7 @@ def hf_dir(name: str) -> Path:
         if done.is_file():
             return target
         print(f"effllm: converting {gguf.name} to a float transformers model in {target}", flush=True)
-        quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        config = quantized.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        # assign=True adopts the dequantized tensors instead of copying them (no second copy in memory)
-        missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False, assign=True)
-        tied = getattr(config, "tie_word_embeddings", False)
-        if unexpected or [k for k in missing if not (tied and k.startswith("lm_head"))]:
-            raise RuntimeError(f"converting {name}: missing {missing}, unexpected {unexpected}")
-        model.tie_weights()
-        with atomic_dir(target) as staging:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-            (staging / ".complete").write_text(gguf.name + "\n")
+        convert_gguf(gguf, target)
     return target
 
 

@@ -45,9 +45,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..paths import atomic_dir, atomic_write
+from ..paths import atomic_write
 from .baselines import MATCHED_OFFLOAD, mode_grid
-from .problems import SOURCES, Problem, extract_boxed, read_log
+from .problems import SOURCES, Problem, read_log
 
 DTYPES = ("float32", "bfloat16", "float16")
 THROUGHPUT_QUESTION = "((-3 + 7) * (2 - 9)) - (4 * -5) ="  # a fixed short prompt (in each model's chat template)
@@ -125,20 +125,9 @@ def read_problems(path: str | os.PathLike) -> list[dict]:
 
 def _boxed_number_scorer(gold: str):
     """Run-time stand-in where math_verify is missing: the boxed answer equals the gold as a number."""
-    from .problems import _first_number
+    from .problems import boxed_number_scorer
 
-    gold_value = _first_number(gold)
-
-    def score(completion: str) -> float:
-        boxed = extract_boxed(completion)
-        if boxed is None:
-            return 0.0
-        if gold_value is None:
-            return float(boxed.replace(" ", "") == gold.replace(" ", ""))
-        value = _first_number(boxed)
-        return float(value is not None and value == gold_value)
-
-    return score
+    return boxed_number_scorer(gold, rel_tol=0.0)
 
 
 def run_time_scorer_name() -> str:
@@ -284,7 +273,8 @@ def prepare_models(models: dict[str, dict], dtype: str, hf_cache: str | os.PathL
 
 def _convert_gguf(gguf: Path, target: Path, dtype: str) -> None:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..models import convert_gguf
 
     try:
         import gguf as _gguf  # noqa: F401
@@ -292,23 +282,7 @@ def _convert_gguf(gguf: Path, target: Path, dtype: str) -> None:
         raise RuntimeError("reading a GGUF file needs the `gguf` package (pip install --no-deps gguf)") from exc
     t0 = time.perf_counter()
     print(f"converting {gguf.name} to a {dtype} transformers folder {target}", flush=True)
-    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    config = quantized.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # transformers refuses to save a GGUF-loaded model
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False, assign=True)
-    tied = getattr(config, "tie_word_embeddings", False)
-    if unexpected or [k for k in missing if not (tied and k.startswith("lm_head"))]:
-        raise RuntimeError(f"converting {gguf.name}: missing {missing}, unexpected {unexpected}")
-    model.tie_weights()
-    model = model.to(getattr(torch, dtype))
-    with atomic_dir(target) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / ".complete").write_text(gguf.name + "\n")
+    convert_gguf(gguf, target, getattr(torch, dtype))
     print(f"converted {gguf.name} in {time.perf_counter() - t0:.1f} s", flush=True)
 
 

@@ -75,7 +75,9 @@ def _first_number(text: str) -> Fraction | None:
         return None
 
 
-def _mathqa_scorer(gold: str) -> Callable[[str], float]:
+def boxed_number_scorer(gold: str, rel_tol: float = 1e-6) -> Callable[[str], float]:
+    """1.0 when the last boxed answer is the gold number (within ``rel_tol``, relative to max(1, |gold|)); a
+    gold that is not a number must match the boxed text exactly, spaces aside."""
     gold_value = _first_number(gold)
 
     def score(completion: str) -> float:
@@ -85,9 +87,13 @@ def _mathqa_scorer(gold: str) -> Callable[[str], float]:
         if gold_value is None:
             return float(boxed.replace(" ", "") == gold.replace(" ", ""))
         value = _first_number(boxed)
-        return float(value is not None and abs(value - gold_value) <= 1e-6 * max(1, abs(gold_value)))
+        return float(value is not None and abs(value - gold_value) <= rel_tol * max(1, abs(gold_value)))
 
     return score
+
+
+def _mathqa_scorer(gold: str) -> Callable[[str], float]:
+    return boxed_number_scorer(gold)
 
 
 def _math_verify_scorer(gold: str) -> Callable[[str], float]:
