@@ -308,38 +308,15 @@ def load_model(info: dict, device: str, dtype: str):
 
 def measure_throughput(model, tokenizer, *, decode_tokens: int = 128, repeats: int = 3) -> dict:
     """Tokens/s of one model alone: prefill of a fixed short chat prompt, then ``decode_tokens`` greedy steps
-    (batch 1, KV cache, one host sync per token as the controller does); medians of ``repeats`` after a warm-up."""
-    import torch
-
+    (batch 1, KV cache, ``simulator.time_prefill_decode``); medians of ``repeats`` after a warm-up."""
     from .problems import build_prompt
+    from .simulator import time_prefill_decode
 
     if decode_tokens < 1 or repeats < 1:
         raise ValueError("decode_tokens and repeats must be >= 1")
     ids = tokenizer(build_prompt(tokenizer, THROUGHPUT_QUESTION), add_special_tokens=False)["input_ids"]
-    dev = next(model.parameters()).device
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-
-    def once(n):
-        with torch.inference_mode():
-            sync()
-            t0 = time.perf_counter()
-            out = model(input_ids=torch.tensor([ids], device=dev), use_cache=True, logits_to_keep=1)
-            tok = int(out.logits[0, -1].argmax())
-            t_prefill = time.perf_counter() - t0
-            cache = out.past_key_values
-            t0 = time.perf_counter()
-            for _ in range(n):
-                out = model(input_ids=torch.tensor([[tok]], device=dev), past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
-                cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
-            sync()
-            return t_prefill, time.perf_counter() - t0
-
-    once(min(8, decode_tokens))  # warm-up (allocator, kernels)
-    runs = [once(decode_tokens) for _ in range(repeats)]
+    time_prefill_decode(model, ids, min(8, decode_tokens))  # warm-up (allocator, kernels)
+    runs = [time_prefill_decode(model, ids, decode_tokens) for _ in range(repeats)]
     prefill_s, decode_s = statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
     return {"prompt_tokens": len(ids), "decode_tokens": decode_tokens, "repeats": repeats,
             "prefill_tok_s": len(ids) / prefill_s, "decode_tok_s": decode_tokens / decode_s,

@@ -124,6 +124,36 @@ def paper_pairs(bigs=("7B", "8B", "14B", "32B", "70B")) -> dict[str, tuple[Throu
     return {f"1.5B+{b}": (small, paper_throughput(b)) for b in bigs}
 
 
+def time_prefill_decode(model, ids: list[int], decode_tokens: int) -> tuple[float, float]:
+    """Seconds of one prefill over ``ids`` and of ``decode_tokens`` greedy single-token steps after it (batch 1,
+    KV cache). Each step reads its token back to the host, as the controller does, and a CUDA device is
+    synchronized around each phase so the clock sees the GPU's work."""
+    import time
+
+    import torch
+
+    device = next(model.parameters()).device
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    with torch.inference_mode():
+        sync()
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True, logits_to_keep=1)
+        cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        sync()
+        t_prefill = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=torch.tensor([[tok]], device=device), past_key_values=cache, use_cache=True,
+                        logits_to_keep=1)
+            cache, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        sync()
+        return t_prefill, time.perf_counter() - t0
+
+
 def measure_throughput(model, tokenizer, text: str, *, prefill_tokens: int = 512, decode_tokens: int = 32,
                        repeats: int = 1) -> Throughput:
     """Prefill and decode tokens/s of a Hugging Face causal LM on this machine (batch 1, KV cache, greedy).
@@ -131,27 +161,11 @@ def measure_throughput(model, tokenizer, text: str, *, prefill_tokens: int = 512
     Prefill: one forward over the first ``prefill_tokens`` tokens of ``text``; decode: ``decode_tokens`` single-token
     steps after it. The best of ``repeats`` runs of each (the first run also pays one-time warm-up costs).
     """
-    import time
-
-    import torch
-
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) < prefill_tokens:
         raise ValueError(f"text has {len(ids)} tokens, fewer than prefill_tokens={prefill_tokens}")
     if decode_tokens < 1 or repeats < 1:
         raise ValueError("decode_tokens and repeats must be >= 1")
-    device = next(model.parameters()).device
-    prompt = torch.tensor([ids[:prefill_tokens]], device=device)
-    best_p = best_d = float("inf")
-    with torch.inference_mode():
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            out = model(input_ids=prompt, use_cache=True, logits_to_keep=1)
-            best_p = min(best_p, time.perf_counter() - t0)
-            cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            t0 = time.perf_counter()
-            for _ in range(decode_tokens):
-                out = model(input_ids=tok, past_key_values=cache, use_cache=True)
-                cache, tok = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
-            best_d = min(best_d, time.perf_counter() - t0)
+    runs = [time_prefill_decode(model, ids[:prefill_tokens], decode_tokens) for _ in range(repeats)]
+    best_p, best_d = min(r[0] for r in runs), min(r[1] for r in runs)
     return Throughput(prefill_tokens / best_p, decode_tokens / best_d)
