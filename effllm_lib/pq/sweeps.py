@@ -235,6 +235,7 @@ def run_network(name: str, scale: str | Scale = "ci", *, device: str = "cpu", se
             t = time.time()
             pbits, lbits = PAPER_LOWBIT[name]
             model = set_bits_(model, pbits, lbits)
+            t = time.time()  # the low-bit row's own fine-tune, not the e2e run before it
             finetune_e2e_(model, train, teacher=float_model, epochs=scale.e2e_lowbit_epochs, seed=seed,
                           **{**e2e_kw, "lr": E2E_RECIPE["lr"] / 3})
             rows.append(_row(name, "e2e", accuracy(model, test), float_acc, n_p, l_s, "e2e", E2E_RECIPE["tau"],
