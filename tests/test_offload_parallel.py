@@ -65,8 +65,9 @@ def test_bad_inputs_fail_before_any_worker(exported, tmp_path):
     assert not logs.exists()  # nothing was started
 
 
-def test_run_two_worker_processes_then_merge(exported, tmp_path):
+def test_run_two_worker_processes_then_merge(exported, tmp_path, monkeypatch):
     logs = tmp_path / "logs"
+    monkeypatch.setenv("EFFLLM_COMMIT", "abc123")
     rec = pl.run(exported, log_dir=logs, workers=2, time_budget_s=120, **TINY)
     assert rec["worker_rc"] == {"0": 0, "1": 0} and rec["complete_after"] == 2
     rows = pl.read_problems(exported)
@@ -100,6 +101,7 @@ def test_run_two_worker_processes_then_merge(exported, tmp_path):
     assert meta["extra"]["rescored_changed"] == 1 and meta["extra"]["problems_run"] == 2
     assert meta["extra"]["problems_requested"] == 2 and meta["params"]["max_new_tokens"] == 6
     assert meta["extra"]["run_hardware"]["device"] == "cpu"
+    assert meta["extra"]["run_commits"] == ["abc123"] and meta["extra"]["run_calls"][0]["effllm_commit"] == "abc123"
     records = results.read(tmp_path / "res" / "modes_records.csv")
     assert len(records) == 4 and "text" not in records.columns and records.correct.sum() >= 1
     lat = results.read(tmp_path / "res" / "modes_latency.csv")

@@ -414,7 +414,7 @@ def run(problems: str | os.PathLike, small: str, big: str, log_dir: str | os.Pat
     # this call is on record from now on (a command killed from outside still leaves run.json for merge)
     record = {"start": t_start, "end": None, "wall_s": None, "workers": workers, "device": device,
               "time_budget_s": time_budget_s, "problems_assigned": None, "worker_rc": {}, "killed_at_deadline": [],
-              "complete_after": None, "finished": False}
+              "complete_after": None, "finished": False, "effllm_commit": os.environ.get("EFFLLM_COMMIT")}
     history["calls"].append(record)
     _write_json(run_file, history)
     # ---- convert the GGUFs once (both at once); the workers load the folders
@@ -686,8 +686,11 @@ def merge(log_dir: str | os.PathLike, problems: str | os.PathLike | None = None,
              "scorer": "load_problems' scorers (math_verify for multistep_arithmetic)",
              "scorer_at_run": sorted({h.get("scorer_at_run", "?") for h in hws}),
              "worker_errors": errors, "run_calls": [{k: c.get(k) for k in ("wall_s", "workers", "problems_assigned",
-                                                                           "killed_at_deadline", "finished")}
+                                                                           "killed_at_deadline", "finished",
+                                                                           "effllm_commit")}
                                                   for c in calls],
+             # a resumed run can span commits: each call's commit is on record (None: not recorded)
+             "run_commits": sorted({c.get("effllm_commit") or "unrecorded" for c in calls}),
              "run_hardware": {k: run_hw.get(k) for k in ("gpu", "gpu_memory_gib", "gpu_count", "cuda", "cpu", "cores",
                                                           "memory_gib", "torch", "transformers", "python",
                                                           "effllm_commit", "device")},
