@@ -210,6 +210,14 @@ def test_claims_prefer_the_e2e_recipe():
     out = sweeps.claims(pd.DataFrame(rows)).set_index("claim_id")
     assert out.loc["accuracy_loss", "ours"] == pytest.approx(2.5)  # the e2e float-table row, not the low-bit one
     assert "e2e recipe" in out.loc["accuracy_loss", "reason"]
+    # the low-bit drop compares the e2e pair (77.5 -> 79.0), not the tables-only lowbit rows
+    assert out.loc["lowbit_drop_resnet20", "ours"] == pytest.approx(-1.5)
+    assert "e2e recipe" in out.loc["lowbit_drop_resnet20", "reason"]
+    tables_only = [*rows[:2], {**base, "experiment": "lowbit", "mode": "rounded", "accuracy": 55.0, "proto_bits": 6,
+                               "lut_bits": 5}]
+    out = sweeps.claims(pd.DataFrame(tables_only)).set_index("claim_id")
+    assert out.loc["lowbit_drop_resnet20", "ours"] == pytest.approx(5.0)  # no e2e pair: the lowbit rows
+    assert "tables-only" in out.loc["lowbit_drop_resnet20", "reason"]
     old = sweeps.claims(pd.DataFrame(rows[:2])).set_index("claim_id")
     assert old.loc["accuracy_loss", "ours"] == pytest.approx(20.0)
 

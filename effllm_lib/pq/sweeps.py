@@ -345,21 +345,31 @@ def claims(df: pd.DataFrame) -> pd.DataFrame:
                     "reason": f"{main}: float {sub.float_accuracy.iloc[0]:.2f}% minus best PQ {best:.2f}% at the "
                               f"paper's (N_p, L_s) with float tables (tables-only fine-tuning, short)"})
     for name in ("resnet20", "kws", "emnist"):
-        low = df[(df.network == name) & (df.experiment == "lowbit")]
-        if low.proto_bits.notna().sum() == 0 or low.proto_bits.isna().sum() == 0:
+        # Prefer the e2e pair (the e2e network, then the same with rounded tables and one epoch in the loop):
+        # the tables-only "lowbit" pair trains the low-bit model for more epochs than its float reference,
+        # so there the low-bit model can come out ahead for reasons that have nothing to do with bit width.
+        for exp, recipe in (("e2e", "e2e recipe"), ("lowbit", "tables-only fine-tuning")):
+            low = df[(df.network == name) & (df.experiment == exp)]
+            if exp == "e2e" and "mode" in low:
+                low = low[low["mode"] == "e2e"]
+            if low.proto_bits.notna().sum() and low.proto_bits.isna().sum():
+                break
+        else:
             continue  # not run: the scorecard then says "not yet measured"
         q = low[low.proto_bits.notna()].iloc[0]
         f = low[low.proto_bits.isna()].iloc[0]
         out.append({"claim_id": f"lowbit_drop_{name}", "ours": float(f.accuracy - q.accuracy),
                     "status": "measured",
-                    "reason": f"{int(q.proto_bits)}-bit prototypes / {int(q.lut_bits)}-bit LUT, fine-tuned; "
-                              f"{f.accuracy:.2f}% -> {q.accuracy:.2f}%"})
+                    "reason": f"{int(q.proto_bits)}-bit prototypes / {int(q.lut_bits)}-bit LUT, {recipe}, "
+                              f"rounded tables fine-tuned in the loop; {f.accuracy:.2f}% -> {q.accuracy:.2f}%"})
     grid = df[(df.experiment == "grid") & (df["mode"] == "kmeans") & df.layer_mse.notna()]
     for claim, col in (("error_falls_with_np", "n_prototypes"), ("error_rises_with_ls", "subvec_len")):
-        rhos = [g[col].rank().corr(g.layer_mse.rank()) for _, g in grid.groupby("network") if g[col].nunique() > 1]
-        out.append({"claim_id": claim, "ours": float(np.nanmean(rhos)) if rhos else None, "status": "measured",
-                    "reason": f"mean Spearman rho over {len(rhos)} network(s) "
-                              f"({', '.join(sorted(grid.network.unique()))}), k-means tables"})
+        rhos = {n: g[col].rank().corr(g.layer_mse.rank()) for n, g in grid.groupby("network") if g[col].nunique() > 1}
+        each = ", ".join(f"{n} {r:+.2f}" for n, r in rhos.items())
+        out.append({"claim_id": claim, "ours": float(np.nanmean(list(rhos.values()))) if rhos else None,
+                    "status": "measured",
+                    "reason": f"mean Spearman rho over {len(rhos)} network(s) ({each}), k-means tables; each layer's "
+                              f"absolute output MSE on the activations of the already-quantized prefix"})
     return pd.DataFrame(out)
 
 
