@@ -91,3 +91,34 @@ def test_config_rejects_unknown_choices():
         pp.PreprocessConfig(decoder="libvips")
     with pytest.raises(ValueError, match="normalize_on"):
         pp.PreprocessConfig(normalize_on="gpu")
+
+
+@pytest.mark.parametrize("pin", [False, True])
+def test_to_device_cpu_stacks_the_batch_either_way(pin):
+    batch = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(3)]
+    x = pp.to_device(batch, "cpu", pin_memory=pin)
+    assert x.device.type == "cpu" and x.shape == (3, 3, 2, 2) and x.dtype == torch.uint8
+    assert [int(x[i].unique()) for i in range(3)] == [0, 1, 2]  # order kept, values unchanged
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("pin", [False, True])
+def test_to_device_cuda_pinned_and_pageable_agree(pin):
+    batch = [torch.randint(0, 255, (3, 8, 8), dtype=torch.uint8) for _ in range(4)]
+    x = pp.to_device(batch, "cuda", pin_memory=pin)
+    assert x.device.type == "cuda"
+    assert torch.equal(x.cpu(), torch.stack(batch))
+
+
+def test_to_device_rejects_bad_input():
+    with pytest.raises(TypeError, match="pin_memory"):
+        pp.to_device([torch.zeros(1)], "cpu", pin_memory="yes")
+    with pytest.raises(ValueError, match="at least one"):
+        pp.to_device([], "cpu")
+
+
+def test_config_pin_memory_switch():
+    assert pp.PreprocessConfig().pin_memory is True
+    assert pp.PreprocessConfig(pin_memory=False).pin_memory is False
+    with pytest.raises(TypeError, match="pin_memory"):
+        pp.PreprocessConfig(pin_memory=1)

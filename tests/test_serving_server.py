@@ -100,3 +100,19 @@ def test_open_loop_is_bounded_and_poisson(server):
     assert all(r["status"] == 200 for r in recs)
     with pytest.raises(ValueError, match="bounded"):
         loadgen.open_loop(server, img, rate=5)
+
+
+def test_pin_memory_is_a_server_switch():
+    from effllm_lib.serving.experiments import GPU_OPTIMIZATIONS, NAIVE, OPTIMIZATIONS
+    from effllm_lib.serving.server import ServerConfig
+
+    assert ServerConfig(pin_memory=False).preprocess_config().pin_memory is False
+    assert ServerConfig().preprocess_config().pin_memory is True
+    with pytest.raises(TypeError, match="pin_memory"):
+        ServerConfig(pin_memory="false")
+    # the naive design copies from pageable memory; the pinned design differs from it in that alone
+    assert NAIVE["pin_memory"] is False
+    assert OPTIMIZATIONS["pinned host memory"] == {"pin_memory": True}
+    for name, d in {**OPTIMIZATIONS, **GPU_OPTIMIZATIONS}.items():
+        if name.startswith("combined") or name in GPU_OPTIMIZATIONS:
+            assert d["pin_memory"] is True, name

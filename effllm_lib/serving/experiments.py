@@ -4,6 +4,7 @@
 * ``throughput``: the same server fed JPEGs (full preprocessing) or pre-decoded pixels (none), closed loop
   at saturation and open loop over offered load.
 * ``optimizations``: the naive design, each optimization alone, and all of them combined.
+* ``routing``: a mixed small/large workload on one pool vs two pools, dealt round-robin or by image size.
 
 The machine this runs on may be shared: every function repeats its measurement in rounds and the callers
 take medians; ``machine_load()`` records the load average so a reader can judge the noise.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import asdict
 
 import pandas as pd
 
@@ -216,20 +218,25 @@ def run_pipeline_suite(scale: str = "ci", *, save: bool = False) -> dict:
 
 
 # ----------------------------------------------------------------------------------------- optimizations
-NAIVE = {"decoder": "pil", "reduced": False, "normalize_on": "host", "max_batch_size": 1, "workers": 1}
+NAIVE = {"decoder": "pil", "reduced": False, "normalize_on": "host", "max_batch_size": 1, "workers": 1,
+         "pin_memory": False}
+# "pinned host memory" stages each batch in page-locked memory before the host-to-device copy: it only
+# changes a CUDA server (a CPU server makes no such copy, so on the CPU it measures the same as naive).
 OPTIMIZATIONS = {
     "naive": {},
     "dynamic batching": {"max_batch_size": 8},
     "DCT-domain reduced decode": {"reduced": True},
     "uint8 transfer, normalize after copy": {"normalize_on": "device"},
+    "pinned host memory": {"pin_memory": True},
     "2 inference workers": {"workers": 2},
-    "combined": {"max_batch_size": 8, "reduced": True, "normalize_on": "device", "workers": 2},
-    "combined, 1 worker": {"max_batch_size": 8, "reduced": True, "normalize_on": "device"},
+    "combined": {"max_batch_size": 8, "reduced": True, "normalize_on": "device", "pin_memory": True, "workers": 2},
+    "combined, 1 worker": {"max_batch_size": 8, "reduced": True, "normalize_on": "device", "pin_memory": True},
 }
 # On a CUDA server: the JPEG bytes go to the GPU and nvJPEG decodes and resizes there (torchvision.io).
 GPU_OPTIMIZATIONS = {
-    "nvJPEG decode + resize on the GPU": {"decoder": "nvjpeg"},
-    "combined, GPU decode": {"max_batch_size": 8, "decoder": "nvjpeg", "normalize_on": "device", "workers": 2},
+    "nvJPEG decode + resize on the GPU": {"decoder": "nvjpeg", "pin_memory": True},
+    "combined, GPU decode": {"max_batch_size": 8, "decoder": "nvjpeg", "normalize_on": "device", "pin_memory": True,
+                             "workers": 2},
 }
 OPT_SCALES = {
     "ci": {"configs": ("naive", "combined"), "size": "small", "per_size": 2, "concurrency": 8, "duration": 2.0,
@@ -237,6 +244,49 @@ OPT_SCALES = {
     "full": {"configs": tuple(OPTIMIZATIONS), "size": "medium", "per_size": 4, "concurrency": 8, "duration": 6.0,
              "passes": 5},
 }
+
+
+def _launch(stack, procs) -> None:
+    """Start ``procs`` without waiting (they boot in parallel); ``stack`` stops each on exit, even if a
+    later one fails to come up."""
+    for proc in procs:
+        if proc.proc is None:
+            proc.launch()
+            stack.callback(proc.stop)
+
+
+def _start_paused(stack, procs, warmup_urls, imgs) -> None:
+    """Boot ``procs`` (``stack`` stops them), wait until each is healthy, warm them up with a few requests
+    through each of ``warmup_urls``, then SIGSTOP them until their turn."""
+    _launch(stack, procs)
+    for proc in procs:
+        proc.start()  # already launched: waits until healthy
+    for url in [warmup_urls] if isinstance(warmup_urls, str) else warmup_urls:
+        loadgen.closed_loop(url, imgs, concurrency=2, requests=max(4, len(imgs)))
+    for proc in procs:
+        proc.pause()
+
+
+def _interleaved_passes(designs: dict, imgs, *, passes: int, concurrency: int, duration: float,
+                        summarize=loadgen.summarize) -> list[dict]:
+    """``passes`` rounds in which each design (name -> (processes, URL)) is resumed, loaded with a closed loop
+    for ``duration`` s, and paused again, so a slow phase of a shared machine is spread over all designs.
+    One row per design and pass: ``summarize(records)``, the server CPU seconds and requests per CPU-second."""
+    rows = []
+    for r in range(passes):
+        for name, (procs, url) in designs.items():
+            for proc in procs:
+                proc.resume()
+            time.sleep(0.2)
+            cpu0 = sum(proc.cpu_seconds() for proc in procs)
+            recs = loadgen.closed_loop(url, imgs, concurrency=concurrency, duration=duration)
+            cpu = sum(proc.cpu_seconds() for proc in procs) - cpu0
+            for proc in procs:
+                proc.pause()
+            summ = summarize(recs)
+            rows.append({"design": name, "pass": r, **summ, "server_cpu_s": cpu,
+                         "requests_per_cpu_s": summ["ok"] / cpu if cpu > 0 else float("nan")})
+    return rows
 
 
 def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: str | None = None,
@@ -261,26 +311,15 @@ def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: 
         designs.update(GPU_OPTIMIZATIONS)
         p["configs"] = tuple(p["configs"]) + tuple(GPU_OPTIMIZATIONS)
     imgs = _images.photos(p["size"], p["per_size"])
-    load_before, rows = machine_load(), []
+    load_before = machine_load()
     with contextlib.ExitStack() as stack:
         servers = {}
         for name in p["configs"]:
             proc = ServerProcess(ServerConfig(**{**NAIVE, **(server or {}), **designs[name]}), log_path=log_path)
-            stack.enter_context(proc)
-            loadgen.closed_loop(proc.url, imgs, concurrency=2, requests=4)
-            proc.pause()
-            servers[name] = proc
-        for r in range(p["passes"]):
-            for name, proc in servers.items():
-                proc.resume()
-                time.sleep(0.2)
-                cpu0 = proc.cpu_seconds()
-                recs = loadgen.closed_loop(proc.url, imgs, concurrency=p["concurrency"], duration=p["duration"])
-                cpu = proc.cpu_seconds() - cpu0
-                proc.pause()
-                summ = loadgen.summarize(recs)
-                rows.append({"design": name, "pass": r, **summ, "server_cpu_s": cpu,
-                             "requests_per_cpu_s": summ["ok"] / cpu if cpu > 0 else float("nan")})
+            _start_paused(stack, [proc], proc.url, imgs)
+            servers[name] = ([proc], proc.url)
+        rows = _interleaved_passes(servers, imgs, passes=p["passes"], concurrency=p["concurrency"],
+                                   duration=p["duration"])
     runs = pd.DataFrame(rows)
     med = runs.groupby("design", sort=False)[["throughput_rps", "p50_ms", "p99_ms", "mean_batch",
                                               "requests_per_cpu_s"]].median()
@@ -290,9 +329,10 @@ def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: 
     gain = float(med.set_index("design").loc["combined", "speedup"])
     claims = pd.DataFrame([{"claim_id": "optimized_throughput_gain", "ours": round(gain, 3), "status": "measured",
                             "reason": f"combined vs naive design of our server (Pillow full decode, no batching, "
-                                      f"float transfer, 1 worker), MobileNetV2, {p['size']} photos, "
-                                      f"{p['concurrency']} closed-loop clients, CPU; combined = batching + reduced "
-                                      f"decode + uint8 transfer + 2 workers"}])
+                                      f"float transfer, pageable memory, 1 worker), MobileNetV2, {p['size']} photos, "
+                                      f"{p['concurrency']} closed-loop clients, "
+                                      f"{(server or {}).get('accelerator', 'cpu').upper()}; combined = batching + "
+                                      f"reduced decode + uint8 transfer + pinned memory + 2 workers"}])
     out = {"runs": runs, "summary": med, "claims": claims}
     if save:
         extra = {"load_before": load_before, "load_after": machine_load(), "naive": NAIVE,
@@ -301,4 +341,118 @@ def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: 
                           ("claims_optimizations", "claims")):
             if not (tag and key == "claims"):
                 results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- size-aware routing
+# The mixed workload: half small (1 MP), half large (15 MP) photos, in runs as long as the round-robin
+# router's cycle (ci: small, small, large, large, ...), so that a round-robin gives each pool the same mix
+# (strict alternation over two pools would send every small photo to the same pool: size routing by
+# accident). The 4 MP class is left out so that "small" and "large" are far apart and the split is
+# unambiguous (the router's threshold, 3 MP, lies between the classes).
+# The pools of the routed designs: the combined design's settings in both, batching for the small pool (many
+# cheap requests), none for the large one (decode-bound: a batch would make each wait for the others' decodes).
+# ``workers`` splits the inference workers between the pools (the one-pool design gets their sum): a large
+# photo costs several times a small one, so at full scale the large pool gets more of them. The round-robin
+# router deals requests in proportion to each pool's workers (its backend listed once per worker).
+ROUTING_POOLS = {"small": {"max_batch_size": 8}, "large": {"max_batch_size": 1}}
+ROUTING_SCALES = {
+    "ci": {"mix": ("small", "large"), "per_size": 1, "workers": {"small": 1, "large": 1}, "concurrency": 4,
+           "duration": 3.0, "passes": 1, "threshold_pixels": 3_000_000},
+    "full": {"mix": ("small", "large"), "per_size": 3, "workers": {"small": 1, "large": 3}, "concurrency": 16,
+             "duration": 8.0, "passes": 5, "threshold_pixels": 3_000_000},
+}
+ROUTING_DESIGNS = ("one pool", "two pools, round-robin", "two pools, size-aware router")
+
+
+def mixed_images(mix, per_size: int, run: int = 2) -> list[tuple[str, bytes]]:
+    """Photos of the size classes in ``mix`` in runs of ``run`` per class (run 2: a0 a1 b0 b1 a2 a0 b2 b0 ...),
+    labelled ``class:name``. Each class fills every position modulo ``run`` equally often, so a round-robin
+    over ``run`` backends (or a divisor of it) deals each backend the same mix."""
+    if run < 1:
+        raise ValueError("run must be >= 1")
+    groups = [_images.photos(s, per_size) for s in mix]
+    n = min(len(g) for g in groups)
+    return [g[(k * run + j) % n] for k in range(n) for g in groups for j in range(run)]
+
+
+def summarize_by_size(records: list[dict], classes=("small", "large")) -> dict:
+    """``loadgen.summarize`` over all requests, plus latency percentiles and throughput per size class
+    (from the ``class:`` prefix of each record's image label; throughput over the run's whole wall time)."""
+    out = loadgen.summarize(records)
+    for c in classes:
+        sub = [r for r in records if str(r["image"]).split(":", 1)[0] == c]
+        if not sub:
+            raise ValueError(f"no {c} requests among the records")
+        s = loadgen.summarize(sub, wall=out["wall_s"])
+        out.update({f"{c}_{k}": s[k] for k in ("ok", "errors", "throughput_rps", "p50_ms", "p99_ms")})
+    return out
+
+
+def run_routing_suite(scale: str = "ci", *, save: bool = False, log_path: str | None = None,
+                      server: dict | None = None, tag: str = "") -> dict:
+    """A mixed workload (``ROUTING_SCALES[scale]["mix"]``, alternating) in a closed loop, three designs of the
+    same total inference workers (``workers``), each behind the same router hop:
+
+    * ``one pool``: one server with the combined design's settings and all the workers;
+    * ``two pools, round-robin``: a small-image pool and a large-image pool (``ROUTING_POOLS``, the workers
+      split as ``workers`` says), requests dealt to them in turn (weighted by workers) whatever their size;
+    * ``two pools, size-aware router``: the same two servers, small photos to the small pool, large to the
+      large one, by the JPEG header (``router.RouterConfig.threshold_pixels``).
+
+    Servers and routers boot first and are paused between turns; ``passes`` rounds measure the designs in turn
+    (the same interleaving as ``run_optimizations_suite``). Returns ``runs`` (one row per design and pass:
+    throughput, p50/p99 overall and per size class, server CPU) and ``summary`` (medians over passes)."""
+    import contextlib
+
+    from .. import results
+    from .router import RouterConfig, RouterProcess
+
+    if scale not in ROUTING_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(ROUTING_SCALES)}")
+    p = dict(ROUTING_SCALES[scale])
+    split = p["workers"]
+    if set(split) != set(ROUTING_POOLS) or any(not isinstance(w, int) or w < 1 for w in split.values()):
+        raise ValueError(f"workers must give each pool of {sorted(ROUTING_POOLS)} at least 1 worker, got {split}")
+    base = {**NAIVE, **OPTIMIZATIONS["combined"], **(server or {})}
+    cfgs = {"one pool": ServerConfig(**{**base, "workers": sum(split.values())}),
+            **{k: ServerConfig(**{**base, **ROUTING_POOLS[k], "workers": split[k]}) for k in ROUTING_POOLS}}
+    imgs = mixed_images(p["mix"], p["per_size"], run=sum(split.values()))  # the weighted round-robin's cycle
+    load_before = machine_load()
+    with contextlib.ExitStack() as stack:
+        srv = {k: ServerProcess(c, log_path=log_path) for k, c in cfgs.items()}
+        pools = {k: [srv[k].url] for k in ROUTING_POOLS}
+        weighted = {k: [srv[k].url] * split[k] for k in ROUTING_POOLS}
+        routers = {
+            "one pool": RouterProcess(RouterConfig({"all": [srv["one pool"].url]}, policy="round_robin"),
+                                      log_path=log_path),
+            "two pools, round-robin": RouterProcess(RouterConfig(weighted, policy="round_robin"), log_path=log_path),
+            "two pools, size-aware router": RouterProcess(
+                RouterConfig(pools, policy="size", threshold_pixels=p["threshold_pixels"]), log_path=log_path)}
+        members = {"one pool": [srv["one pool"]], "two pools, round-robin": [srv["small"], srv["large"]],
+                   "two pools, size-aware router": [srv["small"], srv["large"]]}
+        _launch(stack, list(srv.values()) + list(routers.values()))  # boot everything at once
+        _start_paused(stack, [srv["one pool"], routers["one pool"]], routers["one pool"].url, imgs)
+        two = ["two pools, round-robin", "two pools, size-aware router"]
+        _start_paused(stack, [srv["small"], srv["large"]] + [routers[n] for n in two],
+                      [routers[n].url for n in two], imgs)
+        designs = {name: (members[name] + [routers[name]], routers[name].url) for name in ROUTING_DESIGNS}
+        rows = _interleaved_passes(designs, imgs, passes=p["passes"], concurrency=p["concurrency"],
+                                   duration=p["duration"],
+                                   summarize=lambda recs: summarize_by_size(recs, p["mix"]))
+    runs = pd.DataFrame(rows)
+    cols = ["throughput_rps", "p50_ms", "p99_ms"] + [f"{c}_{k}" for c in p["mix"]
+                                                     for k in ("throughput_rps", "p50_ms", "p99_ms")]
+    med = runs.groupby("design", sort=False)[cols + ["mean_batch", "errors", "requests_per_cpu_s"]].median()
+    ref = med.loc["one pool"]
+    med["speedup"] = med["throughput_rps"] / ref["throughput_rps"]
+    med["small_p50_ratio"] = med["small_p50_ms"] / ref["small_p50_ms"]
+    med["small_p99_ratio"] = med["small_p99_ms"] / ref["small_p99_ms"]
+    med = med.reset_index()
+    out = {"runs": runs, "summary": med}
+    if save:
+        extra = {"load_before": load_before, "load_after": machine_load(), "pools": ROUTING_POOLS,
+                 "servers": {k: asdict(c) for k, c in cfgs.items()}, "server": server or {}}
+        for name, key in (("routing_runs", "runs"), ("routing", "summary")):
+            results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
     return out

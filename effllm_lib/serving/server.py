@@ -195,7 +195,7 @@ class VisionAPI(ls.LitAPI):
             t = now()
             for it in ok:
                 it.stamps["batched"] = t
-            x = pp.to_device([it.x for it in ok], self.dev)
+            x = pp.to_device([it.x for it in ok], self.dev, pin_memory=self.pre.pin_memory)
             if self.pre.normalize_on == "device":
                 x = pp.normalize(x, self.spec.mean, self.spec.std)
             self._sync()
@@ -298,6 +298,8 @@ class ServerConfig:
     api_servers: int = 1
     threads: int = 1
     accelerator: str = "cpu"
+    # page-locked staging of each batch before the host-to-device copy (CUDA only: a CPU server ignores it)
+    pin_memory: bool = True
     max_bytes: int = DEFAULT_MAX_BYTES
     max_pixels: int = pp.DEFAULT_MAX_PIXELS
     pretrained: bool | None = None
@@ -308,11 +310,16 @@ class ServerConfig:
             raise ValueError("max_batch_size, workers, api_servers and threads must be at least 1")
         if self.batch_timeout < 0:
             raise ValueError("batch_timeout must be >= 0")
-        pp.PreprocessConfig(self.decoder, self.reduced, self.normalize_on, self.max_pixels)  # validates
+        self.preprocess_config()  # validates
+
+
+    def preprocess_config(self) -> pp.PreprocessConfig:
+        return pp.PreprocessConfig(self.decoder, self.reduced, self.normalize_on, self.max_pixels,
+                                   pin_memory=self.pin_memory)
 
 
 def make_server(cfg: ServerConfig) -> ls.LitServer:
-    pre = pp.PreprocessConfig(cfg.decoder, cfg.reduced, cfg.normalize_on, cfg.max_pixels)
+    pre = cfg.preprocess_config()
     api = VisionAPI(cfg.model, pre, max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout,
                     threads=cfg.threads, pretrained=cfg.pretrained)
     return ls.LitServer(api, accelerator=cfg.accelerator, devices=1, workers_per_device=cfg.workers,
@@ -339,14 +346,26 @@ class ServerProcess:
         self.startup_timeout, self.log_path = startup_timeout, log_path
         self.proc: subprocess.Popen | None = None
 
-    def start(self) -> str:
-        args = [sys.executable, "-m", "effllm_lib.serving.server", "--port", str(self.port),
+    def command(self) -> list[str]:
+        """The command line of the process (a subclass serves something else the same way)."""
+        return [sys.executable, "-m", "effllm_lib.serving.server", "--port", str(self.port),
                 "--config", json.dumps(asdict(self.cfg))]
+
+    def launch(self) -> None:
+        """Start the process without waiting for it (``start`` = ``launch`` + wait until healthy), so that
+        several servers can boot at once."""
+        if self.proc is not None:
+            return
         log = open(self.log_path or os.devnull, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                     env=env)
         log.close()
-        deadline = time.monotonic() + self.startup_timeout
+        self._launched = time.monotonic()
+
+    def start(self) -> str:
+        self.launch()
+        deadline = self._launched + self.startup_timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with code {self.proc.returncode} during start-up"
@@ -420,6 +439,7 @@ def main(argv=None) -> None:
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     ap.add_argument("--batch-timeout", type=float)
     ap.add_argument("--reduced", action="store_true", default=None)
+    ap.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None)
     args = ap.parse_args(argv)
     fields = json.loads(args.config)
     fields.update({k: v for k, v in vars(args).items() if k not in ("host", "port", "config") and v is not None})
