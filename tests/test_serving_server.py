@@ -1,7 +1,9 @@
 """The HTTP server end to end on loopback: results, dynamic batching, spans, and bad input that gets a 4xx
 while the server keeps serving (also inside a batch shared with good requests)."""
 
+import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -116,3 +118,28 @@ def test_pin_memory_is_a_server_switch():
     for name, d in {**OPTIMIZATIONS, **GPU_OPTIMIZATIONS}.items():
         if name.startswith("combined") or name in GPU_OPTIMIZATIONS:
             assert d["pin_memory"] is True, name
+
+
+class _TinyHealth(ServerProcess):
+    """A process that answers /health with "ok" (stdlib http.server), to test start-up waiting alone."""
+
+    def command(self):
+        code = ("import http.server as h\n"
+                "class H(h.BaseHTTPRequestHandler):\n"
+                "    def do_GET(self):\n"
+                "        self.send_response(200); self.end_headers(); self.wfile.write(b'ok')\n"
+                "    def log_message(self, *a): pass\n"
+                f"h.HTTPServer(('127.0.0.1', {self.port}), H).serve_forever()\n")
+        return [sys.executable, "-c", code]
+
+
+def test_start_asks_once_even_after_the_deadline():
+    # several processes boot at once and are waited for in turn: one launched long before its start() is
+    # called must be found healthy, not failed because its deadline passed while others were waited for
+    proc = _TinyHealth(startup_timeout=0.5)
+    proc.launch()
+    time.sleep(2.0)
+    try:
+        assert proc.start() == proc.url
+    finally:
+        proc.stop()
