@@ -456,3 +456,23 @@ def run_routing_suite(scale: str = "ci", *, save: bool = False, log_path: str | 
         for name, key in (("routing_runs", "runs"), ("routing", "summary")):
             results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
     return out
+
+
+def suite_main(run, scales: dict, argv=None, description: str | None = None) -> dict:
+    """The command line the serving benchmarks share: ``--scale``, ``--accelerator`` (cpu or cuda), ``--tag``
+    (suffix of the results files, e.g. ``_h100``) and ``--no-save``; runs ``run`` (a ``run_*_suite``) and
+    prints its medians (and claims, where it has some)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--scale", choices=sorted(scales), default="ci")
+    ap.add_argument("--accelerator", default=None, choices=("cpu", "cuda"))
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    server = {"accelerator": args.accelerator} if args.accelerator else None
+    out = run(args.scale, save=not args.no_save, server=server, tag=args.tag)
+    print(out["summary"].round(2).to_string())
+    if "claims" in out:
+        print(out["claims"].to_string())
+    return out
