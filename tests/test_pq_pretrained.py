@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from effllm_lib.pq import PQConfig, calibrate_, pq_convert_
-from effllm_lib.pq import pretrained
+from effllm_lib.pq import fast, pretrained
 from effllm_lib.pq.keras_cnn import KerasCNNError, load_keras_cifar_cnn, to_input
 
 
@@ -190,13 +190,13 @@ def _tiny_cifar_file(tmp_path):
     return _write_h5(tmp_path / "tiny.h5", layers, weights)
 
 
-def test_fast_eval_copy_matches_layer_path(tmp_path, one_thread):
+def test_fast_inference_copy_matches_layer_path(tmp_path, one_thread):
     model = load_keras_cifar_cnn(_tiny_cifar_file(tmp_path))
     x = to_input(np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
     pq_convert_(model, PQConfig(8, 9), skip=pretrained.PQ_SKIP)
     calibrate_(model, x)
     with torch.no_grad():
-        ref, got = model.eval()(x), pretrained.fast_eval_copy(model)(x)
+        ref, got = model.eval()(x), fast.fast_inference_copy(model)(x)
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
 
 

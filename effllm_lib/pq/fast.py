@@ -7,10 +7,13 @@ so the search is a single ``baddbmm`` per batch plus an argmin.
 
 from __future__ import annotations
 
+import copy
+
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import PQConv2d, proto_grid
+from .layers import PQConv2d, pq_layers, proto_grid
 
 
 class FastPQConv2d:
@@ -51,3 +54,25 @@ class FastPQConv2d:
         if layer.bias is not None:
             out += layer.bias
         return out.view(b, ho, wo, -1).permute(0, 3, 1, 2)
+
+
+class _FastConvModule(nn.Module):
+    """``FastPQConv2d`` as a module, so it can take a PQConv2d's place in a network."""
+
+    def __init__(self, layer: PQConv2d):
+        super().__init__()
+        self.fast = FastPQConv2d(layer)
+
+    def forward(self, x):
+        return self.fast(x)
+
+
+def fast_inference_copy(model: nn.Module) -> nn.Module:
+    """A copy of a calibrated PQ model whose PQConv2d layers run ``FastPQConv2d`` (inference only)."""
+    fast = copy.deepcopy(model).eval()
+    for name, layer in pq_layers(fast):
+        if isinstance(layer, PQConv2d) and bool(layer.calibrated):
+            parent_name, _, attr = name.rpartition(".")
+            parent = fast.get_submodule(parent_name) if parent_name else fast
+            setattr(parent, attr, _FastConvModule(layer))
+    return fast

@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ACTIVATIONS = {"linear": None, "relu": F.relu, "softmax": lambda x: F.softmax(x, -1)}
-_IGNORED = {"InputLayer", "Dropout"}  # Dropout: identity at inference (nn.Dropout kept for training)
+_IGNORED = {"InputLayer"}  # (Dropout is kept as nn.Dropout: identity at inference, active in training)
 
 
 class KerasCNNError(RuntimeError):
@@ -62,7 +62,7 @@ class KerasSequentialCNN(nn.Module):
         for layer in layers:
             kind, cfg = layer["class_name"], layer["config"]
             name = cfg["name"]
-            if kind in _IGNORED and kind != "Dropout":
+            if kind in _IGNORED:
                 continue
             if cfg.get("data_format", "channels_last") != "channels_last":
                 raise KerasCNNError(f"layer {name}: only channels_last models are supported")

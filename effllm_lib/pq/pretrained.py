@@ -43,13 +43,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn as nn
 
-from .fast import FastPQConv2d
+from .fast import fast_inference_copy
 from .keras_cnn import conv_and_dense_names, load_keras_cifar_cnn, to_input
-from .layers import PQConfig, PQConv2d, pq_convert_, pq_layers
+from .layers import PQConfig, pq_convert_, pq_layers
 from .sweeps import E2E_RECIPE
-from .train import (accuracy, augment_crop_flip, calibrate_, finetune_, finetune_e2e_, layer_mse,
+from .train import (accuracy, augment_crop_flip, calibrate_, finetune_, finetune_e2e_, mean_layer_mse,
                     progressive_convert_, recalibrate_bn_)
 
 CHAPTER, NAME = "pqa", "pretrained_cnn"
@@ -73,8 +72,7 @@ class PretrainedScale:
 # "full" is sized for about 10 minutes on 2 CPU cores (529 s measured on 2 shared cores, 2026-11-24, before
 # the kmeans_bn row was added: fine-tuning costs ~50 ms per image there, the 28x28 conv2d_1 dominating, so each
 # fine-tune is half an epoch = 39 steps of 64); "ci" for < 30 s on the 300-image slice (25 s measured).
-# At this budget the e2e recipe (tuned for 10+ GPU epochs) does not beat tables-only fine-tuning; the first
-# full run gave held-out float 80.22, kmeans 28.48, tables 63.82, e2e 58.92 (%).
+# The measured accuracies are in data/results/pqa/pretrained_cnn.csv.
 SCALES = {
     "ci": PretrainedScale(images="ci", n_kmeans=32, tables_epochs=0.25, e2e_epochs=0.25, n_mse=8,
                           kmeans_rows=2048),
@@ -95,28 +93,8 @@ def split_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     return perm[:half], perm[half:]
 
 
-class _FastConv(nn.Module):
-    def __init__(self, layer: PQConv2d):
-        super().__init__()
-        self.fast = FastPQConv2d(layer)
-
-    def forward(self, x):
-        return self.fast(x)
-
-
-def fast_eval_copy(model: nn.Module) -> nn.Module:
-    """A copy of a calibrated PQ model whose PQConv2d layers run ``FastPQConv2d`` (inference only)."""
-    fast = copy.deepcopy(model).eval()
-    for name, layer in pq_layers(fast):
-        if isinstance(layer, PQConv2d) and bool(layer.calibrated):
-            parent_name, _, attr = name.rpartition(".")
-            parent = fast.get_submodule(parent_name) if parent_name else fast
-            setattr(parent, attr, _FastConv(layer))
-    return fast
-
-
 def _acc(model, data, batch_size=250) -> float:
-    return accuracy(fast_eval_copy(model) if pq_layers(model) else model, data, batch_size=batch_size)
+    return accuracy(fast_inference_copy(model) if pq_layers(model) else model, data, batch_size=batch_size)
 
 
 def _load(scale: PretrainedScale, images, labels):
@@ -184,7 +162,7 @@ def pretrained_pq(scale: str | PretrainedScale = "ci", *, n_prototypes: int = 16
     pq_convert_(kmeans, cfg, skip=PQ_SKIP)
     calibrate_(kmeans, kmeans_images, max_rows=sc.kmeans_rows, seed=seed)
     km_seconds = time.time() - t0
-    add("kmeans", kmeans, km_seconds, float(np.mean(list(layer_mse(kmeans, mse_images).values()))))
+    add("kmeans", kmeans, km_seconds, mean_layer_mse(kmeans, mse_images))
 
     # k-means + BatchNorm statistics re-estimated on the calibration half (no gradient steps)
     t0 = time.time()
@@ -198,7 +176,7 @@ def pretrained_pq(scale: str | PretrainedScale = "ci", *, n_prototypes: int = 16
         info = finetune_(tables, calib, mode="both", epochs=sc.tables_epochs, lr=sc.tables_lr,
                          batch_size=sc.batch_size, seed=seed, teacher=teacher)
         add("tables", tables, km_seconds + info["seconds"],
-            float(np.mean(list(layer_mse(tables, mse_images).values()))))
+            mean_layer_mse(tables, mse_images))
 
     # the chapter's e2e recipe
     if sc.e2e_epochs > 0:
@@ -215,7 +193,7 @@ def pretrained_pq(scale: str | PretrainedScale = "ci", *, n_prototypes: int = 16
         finetune_e2e_(e2e, calib, teacher=teacher, epochs=sc.e2e_epochs, batch_size=sc.batch_size,
                       augment=augment_crop_flip, seed=seed, **recipe)
         add("e2e", e2e, base_seconds + time.time() - t0,
-            float(np.mean(list(layer_mse(e2e, mse_images).values()))))
+            mean_layer_mse(e2e, mse_images))
 
     df = pd.DataFrame(rows)
     df.attrs["calib_index"] = calib_idx

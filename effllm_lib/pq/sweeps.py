@@ -36,7 +36,7 @@ import torch
 
 from . import cnn
 from .layers import PQConfig, pq_convert_, set_bits_, set_tau_
-from .train import (accuracy, augment_crop_flip, calibrate_, finetune_, finetune_e2e_, layer_mse,
+from .train import (accuracy, augment_crop_flip, calibrate_, finetune_, finetune_e2e_, mean_layer_mse,
                     progressive_convert_, train_float)
 
 # The paper's PQ settings (N_p, L_s) and low-bit tables (prototype bits, LUT bits) per network.
@@ -250,7 +250,7 @@ def run_network(name: str, scale: str | Scale = "ci", *, device: str = "cpu", se
             for g_ls in scale.grid_ls:
                 t = time.time()
                 model = pq_model(float_model, g_np, g_ls, calib, tau=GRID_TAU, seed=seed)
-                mse = float(np.mean(list(layer_mse(model, calib[:256]).values())))
+                mse = mean_layer_mse(model, calib[:256])
                 rows.append(_row(name, "grid", accuracy(model, test), float_acc, g_np, g_ls, "kmeans", None,
                                  mse=mse, seconds=time.time() - t))
                 grid_epochs = (scale.grid_finetune_epochs if scale.grid_finetune_epochs is not None

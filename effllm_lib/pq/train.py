@@ -264,6 +264,13 @@ def layer_mse(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
     return out
 
 
+def mean_layer_mse(model: nn.Module, images: torch.Tensor) -> float:
+    """``layer_mse`` averaged over the model's PQ layers (one number per model, as the sweeps tabulate it);
+    NaN for a model without PQ layers."""
+    values = list(layer_mse(model, images).values())
+    return sum(values) / len(values) if values else float("nan")
+
+
 # ------------------------------------------------------------------------------------ the "e2e" recipe
 # PECAN / LUT-NN style: progressive conversion, then end-to-end fine-tuning of everything that is still a
 # parameter (PQ tables, BatchNorm, the dense stem and classifier) with knowledge distillation, data

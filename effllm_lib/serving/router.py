@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from urllib.parse import urlparse
 
 from . import preprocess as pp
-from .server import DEFAULT_MAX_BYTES, ServerProcess, free_port
+from .server import DEFAULT_MAX_BYTES, ServerProcess
 
 POLICIES = ("size", "round_robin")
 PASSED_HEADERS = ("content-type", "x-received-at", "x-responded-at")
@@ -221,11 +221,7 @@ class RouterProcess(ServerProcess):
                  log_path: str | None = None):
         if not isinstance(cfg, RouterConfig):
             raise TypeError(f"RouterProcess needs a RouterConfig, got {type(cfg).__name__}")
-        # the attributes ServerProcess's start/stop/pause/cpu_seconds use (its __init__ builds a ServerConfig)
-        self.cfg, self.port = cfg, port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.startup_timeout, self.log_path = startup_timeout, log_path
-        self.proc = None
+        self._init_process(cfg, port, startup_timeout, log_path)  # (ServerProcess.__init__ builds a ServerConfig)
 
     def command(self) -> list[str]:
         return [sys.executable, "-m", "effllm_lib.serving.router", "--port", str(self.port),

@@ -312,7 +312,6 @@ class ServerConfig:
             raise ValueError("batch_timeout must be >= 0")
         self.preprocess_config()  # validates
 
-
     def preprocess_config(self) -> pp.PreprocessConfig:
         return pp.PreprocessConfig(self.decoder, self.reduced, self.normalize_on, self.max_pixels,
                                    pin_memory=self.pin_memory)
@@ -338,9 +337,13 @@ class ServerProcess:
 
     def __init__(self, cfg: ServerConfig | None = None, *, port: int | None = None, startup_timeout: float = 180,
                  log_path: str | None = None, **overrides):
-        self.cfg = cfg or ServerConfig(**overrides)
         if cfg is not None and overrides:
             raise ValueError("pass either a ServerConfig or keyword overrides, not both")
+        self._init_process(cfg or ServerConfig(**overrides), port, startup_timeout, log_path)
+
+    def _init_process(self, cfg, port: int | None, startup_timeout: float, log_path: str | None) -> None:
+        """The state every managed process has (a subclass with another config calls this alone)."""
+        self.cfg = cfg
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.startup_timeout, self.log_path = startup_timeout, log_path
