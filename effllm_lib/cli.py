@@ -2,7 +2,7 @@
 
     effllm list                                  # the notebooks and their parameters
     effllm run notebooks/bitmod/02_perplexity.ipynb -p scale full -p models '["smollm2-135m"]'
-    effllm scorecard [chapter]
+    effllm scorecard [chapter] [--csv] [--summary]
 
 ``run`` is papermill with one difference: a parameter the notebook's ``parameters`` cell does not define
 is an error (papermill itself only warns, and the run would silently use the default). Values are parsed
@@ -73,6 +73,12 @@ def all_notebooks() -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["scorecard"]:
+        # the scorecard parses its own arguments, so `effllm scorecard --help` shows them
+        from .scorecard import main as scorecard_main
+
+        return scorecard_main(argv[1:])
     parser = argparse.ArgumentParser(prog="effllm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="execute a notebook with parameters (papermill, strict names)")
@@ -80,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("-p", "--parameter", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"))
     run.add_argument("-o", "--output", help="where to write the executed notebook (default NAME.out.ipynb)")
     sub.add_parser("list", help="list the notebooks and their parameters")
-    sc = sub.add_parser("scorecard", help="print the scorecard")
-    sc.add_argument("chapter", nargs="?")
+    sub.add_parser("scorecard", help="print the scorecard (effllm scorecard --help for its options)")
     args = parser.parse_args(argv)
 
     if args.cmd == "list":
@@ -90,10 +95,6 @@ def main(argv: list[str] | None = None) -> int:
             for name, p in notebook_parameters(nb).items():
                 print(f"    {name} = {p['default']}" + (f"   # {p['help']}" if p["help"] else ""))
         return 0
-    if args.cmd == "scorecard":
-        from .scorecard import main as scorecard_main
-
-        return scorecard_main([args.chapter] if args.chapter else [])
     params = {name: parse_value(value) for name, value in args.parameter}
     try:
         out = run_notebook(args.notebook, params, args.output)

@@ -3,7 +3,8 @@
 ``save(df, chapter, name, params=..., scale=...)`` writes ``data/results/<chapter>/<name>.csv`` (CI-scale
 runs: ``data/results/<chapter>/ci/<name>.csv``, git-ignored): a block of
 ``# key: <json>`` provenance lines (commit, dirty flag, hardware, date, parameters, scale, versions) followed
-by the table as CSV. The file is written to a temporary file in the same folder and renamed over the old one,
+by the table as CSV. The header's ``rows_sha256`` is a checksum of the table's text: a file whose rows were
+truncated or edited by hand no longer matches it, and reading it is an error. The file is written to a temporary file in the same folder and renamed over the old one,
 so a crash never leaves a half-written results file. ``load(chapter, name)`` reads it back and puts the
 provenance in ``df.attrs["provenance"]``; anything wrong with the file raises ``ResultsError`` naming the
 file and the problem.
@@ -12,10 +13,12 @@ file and the problem.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import io
 import json
 import os
 import platform
+import re
 import subprocess
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +29,7 @@ import pandas as pd
 from . import CHAPTERS, __version__
 from .paths import atomic_write, data_dir, repo_root
 
-REQUIRED_KEYS = ("chapter", "name", "date", "commit", "dirty", "hardware", "params", "scale")
+REQUIRED_KEYS = ("chapter", "name", "date", "commit", "dirty", "hardware", "params", "scale", "rows_sha256")
 SCALES = ("ci", "full")
 # The CPU features the chapters depend on; the full flag list is long and says little more.
 _INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_bf16", "avx512_vnni",
@@ -153,6 +156,8 @@ def save(df: pd.DataFrame, chapter: str, name: str, *, params: dict | None = Non
         meta["hardware"] = hardware
     if extra:
         meta["extra"] = extra
+    body = df.to_csv(index=False)
+    meta["rows_sha256"] = rows_checksum(body)
     try:
         header = "".join(f"# {k}: {json.dumps(v, sort_keys=True, default=str)}\n" for k, v in meta.items())
     except TypeError as exc:  # pragma: no cover - default=str makes this rare
@@ -160,8 +165,13 @@ def save(df: pd.DataFrame, chapter: str, name: str, *, params: dict | None = Non
     target = Path(path) if path is not None else results_path(chapter, name, scale)
     if _unchanged(target, df, meta):
         return target
-    atomic_write(target, header + df.to_csv(index=False))
+    atomic_write(target, header + body)
     return target
+
+
+def rows_checksum(body: str) -> str:
+    """sha256 of a results file's table text (everything after the provenance header)."""
+    return hashlib.sha256(body.encode()).hexdigest()
 
 
 def _unchanged(target: Path, df: pd.DataFrame, meta: dict) -> bool:
@@ -212,6 +222,10 @@ def read(path: str | os.PathLike) -> pd.DataFrame:
         raise ResultsError(f"{path}: table is not valid CSV ({exc})") from None
     if df.empty:
         raise ResultsError(f"{path}: table has a header but no rows")
+    if rows_checksum(body) != meta["rows_sha256"]:
+        raise ResultsError(f"{path}: the table does not match the checksum in its header (rows_sha256): the file "
+                           "was truncated or edited by hand; rerun what wrote it (results.save) or restore it "
+                           "from git")
     df.attrs["provenance"] = meta
     df.attrs["path"] = str(path)
     return df
@@ -234,6 +248,18 @@ def available(chapter: str) -> list[str]:
     """Names of the full-scale results files a chapter has (the ones the scorecard reads)."""
     folder = results_dir(chapter)
     return sorted(p.stem for p in folder.glob("*.csv")) if folder.is_dir() else []
+
+
+def machine_name(hw: dict[str, Any]) -> str:
+    """A short name for the machine that measured: "NVIDIA H100 80GB HBM3 host, Intel Xeon 16 cores, AMX" or
+    "2-core AMD EPYC"."""
+    cpu = re.sub(r"\((R|TM)\)|\bCPU\b|\bProcessor\b|@.*$|\d+-Core", "", str(hw.get("cpu") or "unknown CPU"))
+    cpu = re.sub(r"\s+", " ", cpu).strip() or "unknown CPU"
+    cores = hw.get("cores")
+    amx = ", AMX" if "amx_tile" in (hw.get("cpu_flags") or []) or "amx_bf16" in (hw.get("cpu_flags") or []) else ""
+    if hw.get("gpu"):
+        return f"{hw['gpu']} host, {cpu}" + (f" {cores} cores" if cores else "") + amx
+    return (f"{cores}-core {cpu}" if cores else cpu) + amx
 
 
 def describe(meta: dict[str, Any]) -> str:

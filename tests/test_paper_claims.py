@@ -15,3 +15,13 @@ def test_committed_claims_file_is_valid(chapter):
 def test_committed_scorecard_builds():
     table = scorecard.table()
     assert set(table.verdict) <= set(scorecard.VERDICTS)
+
+
+def test_committed_verdicts_follow_the_provenance_rule():
+    """No claim's verdict rests on a results file from a dirty or unknown tree, and every file a claim points
+    to exists and loads (its checksum matches)."""
+    table = scorecard.table()
+    scored = table[~table.verdict.isin(["not reproducible here", "not yet measured", "withdrawn"])]
+    assert not scored.dirty.fillna(False).astype(bool).any(), scored[scored.dirty.fillna(False).astype(bool)]
+    model = table[table.kind == "model"]
+    assert not model.verdict.isin(["reproduced", "trend reproduced"]).any()

@@ -141,3 +141,45 @@ def test_save_records_the_hardware_of_the_machine_that_measured(tmp_data):
     path = results.save(df, "splitreason", "elsewhere", scale="full", hardware={"gpu": "NVIDIA H100 80GB HBM3"})
     text = path.read_text()
     assert '# hardware: {"gpu": "NVIDIA H100 80GB HBM3"}' in text
+
+
+@pytest.mark.parametrize("damage", ["truncate", "edit", "drop_checksum"])
+def test_damaged_file_is_an_error_naming_it(tmp_data, damage):
+    path = results.save(pd.DataFrame({"a": [1, 2, 3], "b": [0.5, 0.25, 0.125]}), "pqa", "t", scale="full")
+    text = path.read_text()
+    if damage == "truncate":
+        text = text[: text.rindex("3,0.125")]
+    elif damage == "edit":
+        text = text.replace("0.25", "0.35")
+    else:
+        text = "".join(line for line in text.splitlines(keepends=True) if not line.startswith("# rows_sha256"))
+    path.write_text(text)
+    msg = "provenance is missing rows_sha256" if damage == "drop_checksum" else "does not match the checksum"
+    with pytest.raises(results.ResultsError, match=msg) as err:
+        results.load("pqa", "t")
+    assert "t.csv" in str(err.value)
+
+
+def test_machine_name():
+    assert results.machine_name({"cpu": "AMD EPYC 9B14", "cores": 2}) == "2-core AMD EPYC 9B14"
+    xeon = {"cpu": "Intel(R) Xeon(R) Processor", "cores": 16, "cpu_flags": ["avx512f", "amx_tile"],
+            "gpu": "NVIDIA H200"}
+    assert results.machine_name(xeon) == "NVIDIA H200 host, Intel Xeon 16 cores, AMX"
+
+
+def test_stamp_checksums_only_adds_a_missing_line(tmp_data):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("stamp", Path(__file__).parent.parent / "scripts" / "stamp_checksums.py")
+    stamp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stamp)
+    path = results.save(pd.DataFrame({"a": [1, 2]}), "pqa", "t", scale="full")
+    good = path.read_text()
+    path.write_text("".join(l for l in good.splitlines(keepends=True) if not l.startswith("# rows_sha256")))
+    assert stamp.stamp(path) is True and path.read_text().endswith("a\n1\n2\n")
+    results.load("pqa", "t")
+    path.write_text(path.read_text().replace("\n2\n", "\n7\n"))   # damaged after stamping: never re-stamped
+    assert stamp.stamp(path) is False
+    with pytest.raises(results.ResultsError, match="checksum"):
+        results.load("pqa", "t")
