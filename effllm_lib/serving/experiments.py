@@ -79,7 +79,8 @@ def throughput(model: str = "mobilenet_v2", size: str = "large", *, per_size: in
     Returns (saturation, curve): ``saturation`` has one row per round and mode from a closed loop of
     ``concurrency`` clients; ``curve`` one row per offered rate and mode from a Poisson open loop."""
     imgs = request_images([size], per_size)[size]
-    cfg = ServerConfig(model=model, **(server or {}))
+    # the pre-decoded pixels input exists for this comparison only: switched on here, off on a public server
+    cfg = ServerConfig(model=model, **{**(server or {}), "allow_pixels": True})
     sat, curve = [], []
     with ServerProcess(cfg, log_path=log_path) as url:
         from .models import TASKS as _T
