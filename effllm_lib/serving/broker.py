@@ -83,7 +83,7 @@ class RedisServer:
 
         self.port, self.appendfsync = port or free_port(), appendfsync
         self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="effllm-redis-")
-        self.workdir = workdir or self._tmp.name
+        self.workdir = os.path.abspath(workdir or self._tmp.name)  # redis-server chdirs into it
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "RedisServer":
@@ -568,6 +568,64 @@ def run_pipeline(kind: str, images: list[bytes], *, crops: int = 4, rate: float 
     for mid, rec in results.items():
         records.append({**rec, "p1": put_times[mid], "broker": kind})
     return sorted(records, key=lambda r: (r["image"], r["crop"]))
+
+
+# ------------------------------------------------------------------------------------ durability cost
+def filesystem_of(path: str) -> str:
+    """The filesystem type holding ``path`` (from /proc/mounts): an fsync on tmpfs costs nothing, so a
+    durability measurement must say where its append-only file was."""
+    path, best, fs = os.path.realpath(path), "", "unknown"
+    try:
+        with open("/proc/mounts") as fh:
+            for line in fh:
+                _, mnt, typ = line.split()[:3]
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                    best, fs = mnt, typ
+    except OSError:
+        pass
+    return fs
+
+
+def durability_cost(settings=APPENDFSYNC, *, messages: int = 300, shape=(224, 224, 3), rounds: int = 3,
+                    workdir: str | None = None) -> list[dict]:
+    """What each ``appendfsync`` setting costs a message: one redis-server per setting (append-only file in
+    a fresh folder under ``workdir``, default the system temp folder: put it on the disk under test), all
+    up at once; then ``rounds`` rounds, settings interleaved, in which one client puts ``messages`` crops of
+    ``shape`` and gets and completes each (XADD; XREADGROUP; MULTI of HSETNX/HINCRBY/XACK/XDEL) one after
+    another. Per setting and round: median and p99 latency (µs) of put, get and complete, and of the whole
+    message."""
+    arr = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    rows = []
+    with contextlib.ExitStack() as stack:
+        servers = {}
+        for setting in settings:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix=f"effllm-aof-{setting}-", dir=workdir))
+            servers[setting] = stack.enter_context(RedisServer(workdir=folder, appendfsync=setting))
+        for r in range(rounds):
+            for setting, rs in servers.items():
+                br = RedisBroker(rs.url, stream=f"durability-{r}").connect()
+                lat = {"put": [], "get": [], "complete": []}
+                for i in range(messages):
+                    t0 = time.perf_counter()
+                    br.put(arr, {"i": i}, mid=str(i))
+                    t1 = time.perf_counter()
+                    msg = br.get(timeout=5)
+                    t2 = time.perf_counter()
+                    br.complete(msg, {"i": i})
+                    t3 = time.perf_counter()
+                    lat["put"].append(t1 - t0)
+                    lat["get"].append(t2 - t1)
+                    lat["complete"].append(t3 - t2)
+                row = {"appendfsync": setting, "round": r, "messages": messages, "message_bytes": arr.nbytes,
+                       "filesystem": filesystem_of(rs.workdir)}
+                total = np.add(np.add(lat["put"], lat["get"]), lat["complete"])
+                for k, v in {**lat, "message": total}.items():
+                    row[f"{k}_p50_us"] = float(np.median(v) * 1e6)
+                    row[f"{k}_p99_us"] = float(np.percentile(v, 99) * 1e6)
+                rows.append(row)
+                br._r.delete(br.stream, br.results_key, br.deliveries_key)
+                br.close()
+    return rows
 
 
 def pipeline_frame(records: list[dict]) -> pd.DataFrame:

@@ -186,35 +186,68 @@ PIPELINE_SCALES = {
 }
 
 
-def run_pipeline_suite(scale: str = "ci", *, save: bool = False) -> dict:
-    """Detector -> classifier over each broker; per-crop spans, per-broker medians and the claim row."""
+def run_pipeline_suite(scale: str = "ci", *, save: bool = False, appendfsync: str = "always", tag: str = "") -> dict:
+    """Detector -> classifier over each broker; per-crop spans, per-broker medians and the claim row.
+    ``appendfsync`` is the Redis durability setting (``always``: an accepted crop survives a broker crash);
+    ``tag`` suffixes the results names (claims are saved only untagged)."""
     from .. import results
     from . import broker as B
 
     if scale not in PIPELINE_SCALES:
         raise ValueError(f"scale must be one of {', '.join(PIPELINE_SCALES)}")
-    p = PIPELINE_SCALES[scale]
+    p = {**PIPELINE_SCALES[scale], "appendfsync": appendfsync}
     photos = _images.photos(p["size"])
     imgs = [photos[i % len(photos)][1] for i in range(p["images"])]
     load_before, frames = machine_load(), []
-    with B.RedisServer() as rs:
+    with B.RedisServer(appendfsync=appendfsync) as rs:
         for r in range(p["rounds"]):
             for kind in p["brokers"]:
                 df = B.pipeline_frame(B.run_pipeline(kind, imgs, crops=p["crops"], rate=p["rate"], redis_url=rs.url))
                 df["round"] = r
                 frames.append(df)
+        aof_fs = B.filesystem_of(rs.workdir)
     crops = pd.concat(frames, ignore_index=True)
     summary = B.broker_share(crops)
     redis_share = float(summary.set_index("broker").loc["redis", "broker_share"])
     claims = pd.DataFrame([{"claim_id": "broker_share_pipeline", "ours": round(redis_share, 2), "status": "measured",
-                            "reason": f"Redis stream (acknowledged) between a MobileNetV2-SSDLite-like detector and a "
+                            "reason": f"Redis stream (acknowledged, exactly once by message id, appendfsync "
+                                      f"{appendfsync}) between a MobileNetV2-SSDLite-like detector and a "
                                       f"MobileNetV2 classifier, {p['crops']} crops of 224x224 per {p['size']} photo, "
                                       f"median over crops, CPU"}])
     out = {"crops": crops, "summary": summary, "claims": claims}
     if save:
-        extra = {"load_before": load_before, "load_after": machine_load()}
+        extra = {"load_before": load_before, "load_after": machine_load(), "aof_filesystem": aof_fs}
         for name, key in (("pipeline_crops", "crops"), ("pipeline_summary", "summary"), ("claims_pipeline", "claims")):
-            results.save(out[key], "serving", name, params=p, scale=scale, extra=extra)
+            if not (tag and key == "claims"):
+                results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
+    return out
+
+
+DURABILITY_SCALES = {"ci": {"messages": 100, "rounds": 1}, "full": {"messages": 1000, "rounds": 5}}
+
+
+def run_durability_suite(scale: str = "ci", *, save: bool = False, workdir: str | None = None, tag: str = "") -> dict:
+    """Per-message cost of Redis's ``appendfsync`` settings (``broker.durability_cost``): ``runs`` (one row
+    per setting and round) and ``summary`` (medians over rounds, and each setting's whole-message p50 as a
+    ratio to ``no``, the setting without fsync)."""
+    from .. import results
+    from . import broker as B
+
+    if scale not in DURABILITY_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(DURABILITY_SCALES)}")
+    p = DURABILITY_SCALES[scale]
+    load_before = machine_load()
+    runs = pd.DataFrame(B.durability_cost(messages=p["messages"], rounds=p["rounds"], workdir=workdir))
+    cols = [c for c in runs.columns if c.endswith("_us")]
+    med = runs.groupby(["appendfsync", "filesystem"], sort=False)[cols].median().reset_index()
+    base = float(med.set_index("appendfsync").loc["no", "message_p50_us"])
+    med["message_p50_vs_no"] = med["message_p50_us"] / base
+    med["extra_us_per_message"] = med["message_p50_us"] - base
+    out = {"runs": runs, "summary": med}
+    if save:
+        extra = {"load_before": load_before, "load_after": machine_load()}
+        for name, key in (("durability_runs", "runs"), ("durability", "summary")):
+            results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
     return out
 
 
