@@ -184,6 +184,7 @@ class UploadReader:
         self.spool_dir, self.limits = spool_dir, limits
         self.parts, self.files, self.path, self.file, self.content_type, self.size = 0, 0, None, None, "", 0
         self.ended, self._in_image, self._in_file, self._field_bytes, self.received = False, False, False, 0, None
+        self.extra_paths: list[str] = []  # files derived from the upload (a decode pool's tensor)
         self._hfield, self._hvalue, self._headers = b"", b"", {}
         cb = {"on_part_begin": self._part_begin, "on_header_field": self._header_field,
               "on_header_value": self._header_value, "on_header_end": self._header_end,
@@ -265,14 +266,72 @@ class UploadReader:
             self.file = None
 
 
+PREPROCESSED_TYPE = "application/x-effllm-preprocessed"  # internal: a decode pool's output, never a client's
+
+
+def _pool_init():
+    torch.set_num_threads(1)  # a pool process preprocesses one image at a time
+
+
+def preprocess_upload(path: str, model: str, pre: pp.PreprocessConfig) -> dict:
+    """In a decode-pool process: the uploaded JPEG at ``path`` -> check, decode, resize, normalize (on the
+    host if ``pre`` says so) -> the model's input tensor, written next to it (``path + '.tensor'``). Returns
+    its description and the stamps, or the error this request gets (any exception is the image's fault)."""
+    from .models import TASKS
+
+    st = {"dequeued": now()}
+    try:
+        _, _, input_size, mean, std = TASKS[model]
+        with open(path, "rb") as fh:
+            data = fh.read()
+        size = pp.check_jpeg(data, pre.max_pixels)
+        img = pp.decode(data, pre.decoder, target=input_size, reduced=pre.reduced, strict=pre.strict)
+        st["decoded"] = now()
+        img = pp.resize(img, input_size)
+        st["resized"] = now()
+        x = pp.to_uint8_chw(img)
+        if tuple(x.shape) != (3, *input_size):
+            raise pp.BadImage(400, f"decoded to shape {tuple(x.shape)}, expected (3, {input_size})")
+        if pre.normalize_on == "host":
+            x = pp.normalize(x, mean, std)
+        arr = x.contiguous().numpy()
+        arr.tofile(path + ".tensor")
+        st["normalized"] = now()
+        return {"ok": True, "path": path + ".tensor", "dtype": arr.dtype.str, "shape": list(arr.shape),
+                "image_size": list(size), "stamps": st}
+    except pp.BadImage as exc:
+        return {"ok": False, "status": exc.status, "detail": str(exc), "cause": "bad_image"}
+    except Exception as exc:  # noqa: BLE001 - only this request's bytes were being decoded
+        return {"ok": False, "status": 400, "detail": f"could not decode the image: {type(exc).__name__}: {exc}"[:500],
+                "cause": "decode_error"}
+
+
 class UploadHandler(RegularRequestHandler):
     """LitServe's request handler with the body read by ``UploadReader`` under a deadline (``body_timeout``:
-    408 for a client that sends too slowly), the spool file removed once the request is answered, and the
-    reply's stamps fed to the metrics."""
+    408 for a client that sends too slowly), the spool files removed once the request is answered, and the
+    reply's stamps fed to the metrics.
 
-    def __init__(self, lit_api, server, limits: Limits, spool_dir: str, metrics: ServerMetrics):
+    With a decode pool (``decode=(processes, model, PreprocessConfig)``) the handler has the upload
+    preprocessed by a pool of processes before it enters the inference queue, so decoding the next
+    requests overlaps with the inference worker running the current batch (without a pool the worker
+    decodes each request of a batch itself, serially, before it can infer). A bad image is then answered
+    straight from the pool. The stamps stay in their order: ``dequeued`` is when a pool process took the
+    request, and the wait for the inference worker falls in ``batch_wait``."""
+
+    def __init__(self, lit_api, server, limits: Limits, spool_dir: str, metrics: ServerMetrics,
+                 decode: tuple[int, str, pp.PreprocessConfig] | None = None):
         super().__init__(lit_api, server)
-        self.limits, self.spool_dir, self.metrics = limits, spool_dir, metrics
+        self.limits, self.spool_dir, self.metrics, self.decode = limits, spool_dir, metrics, decode
+        self._pool = None
+
+    def pool(self):
+        """The decode pool, started on first use: in the HTTP server process, after LitServe has forked it."""
+        if self._pool is None:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            self._pool = ProcessPoolExecutor(self.decode[0], mp_context=get_context("spawn"), initializer=_pool_init)
+        return self._pool
 
     async def _prepare_request(self, request, request_type) -> dict:
         from python_multipart.exceptions import FormParserError
@@ -303,6 +362,14 @@ class UploadHandler(RegularRequestHandler):
         finally:
             reader.close()
         reader.received = now()
+        if self.decode:
+            _, model, pre = self.decode
+            done = await asyncio.get_running_loop().run_in_executor(self.pool(), preprocess_upload, payload["path"],
+                                                                    model, pre)
+            if not done["ok"]:
+                raise Rejection(done["status"], done["detail"], done["cause"])
+            reader.extra_paths.append(done["path"])
+            payload = {"path": done["path"], "content_type": PREPROCESSED_TYPE, "pre": done}
         return payload
 
     async def handle_request(self, request, request_type):
@@ -314,9 +381,9 @@ class UploadHandler(RegularRequestHandler):
             raise
         finally:
             reader = getattr(request.state, "upload", None)
-            if reader is not None and reader.path is not None:
+            for path in ([reader.path] + reader.extra_paths) if reader is not None and reader.path else []:
                 with contextlib.suppress(OSError):
-                    os.unlink(reader.path)
+                    os.unlink(path)
         if isinstance(resp, dict):
             self.metrics.observe_reply({**resp.get("stamps", {}), "received": request.state.upload.received},
                                        resp.get("batch_size"), now())
@@ -328,8 +395,8 @@ class UploadHandler(RegularRequestHandler):
 class VisionServer(ls.LitServer):
     """``LitServer`` with ``UploadHandler`` on the API path and ``GET /metrics``."""
 
-    def __init__(self, api, *, limits: Limits, spool_dir: str, **kwargs):
-        self.limits, self.spool_dir, self.metrics = limits, spool_dir, ServerMetrics()
+    def __init__(self, api, *, limits: Limits, spool_dir: str, decode=None, **kwargs):
+        self.limits, self.spool_dir, self.metrics, self.decode = limits, spool_dir, ServerMetrics(), decode
         kwargs.setdefault("middlewares", [])
         kwargs["middlewares"] = [*kwargs["middlewares"],
                                  (ImageRequestGuard, {"limits": limits, "metrics": self.metrics,
@@ -338,7 +405,7 @@ class VisionServer(ls.LitServer):
 
     def _register_api_endpoints(self, lit_api, request_type, response_type):
         self._callback_runner.trigger_event(EventTypes.ON_SERVER_START.value, litserver=self)
-        handler = UploadHandler(lit_api, self, self.limits, self.spool_dir, self.metrics)
+        handler = UploadHandler(lit_api, self, self.limits, self.spool_dir, self.metrics, self.decode)
 
         async def endpoint_handler(request: Request) -> Response:
             return await handler.handle_request(request, Request)
@@ -421,6 +488,8 @@ class VisionAPI(ls.LitAPI):
         if not isinstance(request, dict) or "path" not in request:
             return _failed(st, 422, "the form needs a file field named 'image'", "no_image")
         ctype = request.get("content_type", "")
+        if ctype == PREPROCESSED_TYPE:  # set by the HTTP process (a client's part type cannot be this)
+            return self._preprocessed(request["pre"])
         allowed = IMAGE_TYPES + ((PIXELS_TYPE,) if self.allow_pixels else ())
         if ctype not in allowed:
             return _failed(st, 415, f"expected an image/jpeg file, got {ctype or 'no content type'}", "content_type")
@@ -447,6 +516,13 @@ class VisionAPI(ls.LitAPI):
         self._sync()
         st["normalized"] = now()
         return Item(x, size, st)
+
+    def _preprocessed(self, done: dict) -> Item:
+        """A request a decode-pool process has already turned into the model's input tensor."""
+        x = torch.from_numpy(np.fromfile(done["path"], dtype=np.dtype(done["dtype"])).reshape(done["shape"]))
+        if tuple(x.shape) != (3, *self.spec.input_size):
+            raise pp.BadImage(400, f"preprocessed tensor of shape {tuple(x.shape)}, expected (3, {self.spec.input_size})")
+        return Item(x, tuple(done["image_size"]), dict(done["stamps"]))
 
     def _decode_pixels(self, data: bytes, st: dict) -> Item:
         """The "no preprocessing" mode (benchmarks only, ``allow_pixels``): the client sends pixels already
@@ -619,6 +695,9 @@ class ServerConfig:
     strict_jpeg: bool = True  # libjpeg's warnings (a scan cut short) are errors
     allow_pixels: bool = False  # accept pre-decoded pixels (benchmarks' "no preprocessing" mode)
     spool_dir: str | None = None  # where uploads are spooled (default: a fresh folder in /dev/shm or $TMPDIR)
+    # processes that decode/resize/normalize in the HTTP server, overlapped with inference (0: the inference
+    # worker preprocesses each request itself, serially with inference)
+    decode_pool: int = 0
 
     def __post_init__(self):
         if self.max_batch_size < 1 or self.workers < 1 or self.api_servers < 1 or self.threads < 1:
@@ -632,6 +711,10 @@ class ServerConfig:
             raise ValueError("max_queued_bytes must be at least max_bytes (else a largest request never fits)")
         if not self.body_timeout > 0:
             raise ValueError("body_timeout must be > 0 seconds")
+        if not isinstance(self.decode_pool, int) or self.decode_pool < 0:
+            raise ValueError(f"decode_pool must be an integer >= 0, got {self.decode_pool!r}")
+        if self.decode_pool and self.decoder == "nvjpeg":
+            raise ValueError("decode_pool runs CPU decoders; nvjpeg decodes in the inference worker")
         if not isinstance(self.allow_pixels, bool):
             raise TypeError(f"allow_pixels must be a bool, got {type(self.allow_pixels).__name__}")
         self.preprocess_config()  # validates
@@ -658,7 +741,8 @@ def make_server(cfg: ServerConfig, spool_dir: str | None = None) -> ls.LitServer
     pre = cfg.preprocess_config()
     api = VisionAPI(cfg.model, pre, max_batch_size=cfg.max_batch_size, batch_timeout=cfg.batch_timeout,
                     threads=cfg.threads, pretrained=cfg.pretrained, allow_pixels=cfg.allow_pixels)
-    return VisionServer(api, limits=cfg.limits(), spool_dir=spool_dir or make_spool_dir(cfg.spool_dir),
+    decode = (cfg.decode_pool, cfg.model, pre) if cfg.decode_pool else None
+    return VisionServer(api, limits=cfg.limits(), spool_dir=spool_dir or make_spool_dir(cfg.spool_dir), decode=decode,
                         accelerator=cfg.accelerator, devices=1, workers_per_device=cfg.workers,
                         timeout=cfg.request_timeout, max_payload_size=cfg.max_bytes)
 
@@ -778,7 +862,7 @@ def main(argv=None) -> None:
     ap.add_argument("--config", default="{}", help="ServerConfig fields as JSON")
     for f in ("model", "decoder", "normalize_on", "accelerator"):
         ap.add_argument(f"--{f.replace('_', '-')}")
-    for f in ("max_batch_size", "workers", "threads"):
+    for f in ("max_batch_size", "workers", "threads", "decode_pool"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int)
     ap.add_argument("--batch-timeout", type=float)
     ap.add_argument("--reduced", action="store_true", default=None)
