@@ -15,7 +15,9 @@ def test_suite_main_passes_the_options_and_checks_them(capsys):
 
     experiments.suite_main(fake, {"ci": {}, "full": {}}, ["--scale", "full", "--accelerator", "cuda", "--tag", "_h100"])
     experiments.suite_main(fake, {"ci": {}, "full": {}}, ["--no-save"])
-    assert calls == [("full", True, {"accelerator": "cuda"}, "_h100"), ("ci", False, None, "")]
+    experiments.suite_main(fake, {"ci": {}, "full": {}}, ["--lenient-jpeg"])
+    assert calls == [("full", True, {"accelerator": "cuda"}, "_h100"), ("ci", False, None, ""),
+                     ("ci", True, {"strict_jpeg": False}, "")]
     assert "naive" in capsys.readouterr().out
     for bad in (["--scale", "huge"], ["--accelerator", "tpu"]):
         with pytest.raises(SystemExit):
