@@ -774,13 +774,16 @@ class ServerProcess:
     def command(self) -> list[str]:
         """The command line of the process (a subclass serves something else the same way)."""
         return [sys.executable, "-m", "effllm_lib.serving.server", "--port", str(self.port),
-                "--config", json.dumps(asdict(self.cfg))]
+                "--config", json.dumps(asdict(self.cfg)), "--spool", self.spool]
 
     def launch(self) -> None:
         """Start the process without waiting for it (``start`` = ``launch`` + wait until healthy), so that
         several servers can boot at once."""
         if self.proc is not None:
             return
+        # the upload spool folder is made here and removed in stop(): a server ended by a signal cannot
+        # clean up after itself
+        self.spool = make_spool_dir(getattr(self.cfg, "spool_dir", None))
         log = open(self.log_path or os.devnull, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
@@ -820,6 +823,7 @@ class ServerProcess:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=5)
         self.proc = None
+        shutil.rmtree(self.spool, ignore_errors=True)
 
     def pause(self) -> None:
         """SIGSTOP the server's processes: an idle LitServe worker polls its queue every millisecond, so
@@ -860,6 +864,7 @@ def main(argv=None) -> None:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--config", default="{}", help="ServerConfig fields as JSON")
+    ap.add_argument("--spool", default=None, help="upload spool folder (default: a fresh one, removed at exit)")
     for f in ("model", "decoder", "normalize_on", "accelerator"):
         ap.add_argument(f"--{f.replace('_', '-')}")
     for f in ("max_batch_size", "workers", "threads", "decode_pool"):
@@ -869,10 +874,12 @@ def main(argv=None) -> None:
     ap.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None)
     args = ap.parse_args(argv)
     fields = json.loads(args.config)
-    fields.update({k: v for k, v in vars(args).items() if k not in ("host", "port", "config") and v is not None})
+    fields.update({k: v for k, v in vars(args).items() if k not in ("host", "port", "config", "spool") and v is not None})
     cfg = ServerConfig(**fields)
-    spool = make_spool_dir(cfg.spool_dir)
-    atexit.register(shutil.rmtree, spool, ignore_errors=True)
+    spool = args.spool
+    if spool is None:
+        spool = make_spool_dir(cfg.spool_dir)
+        atexit.register(shutil.rmtree, spool, ignore_errors=True)  # best effort: not on a signal
     make_server(cfg, spool).run(host=args.host, port=args.port, num_api_servers=cfg.api_servers, log_level="warning",
                          generate_client_file=False)
 
