@@ -347,12 +347,14 @@ class UploadHandler(RegularRequestHandler):
         except FormParserError as exc:
             raise Rejection(400, f"malformed multipart header: {exc}", "bad_multipart") from None
         request.state.upload = reader
+        async def read_body():
+            async for chunk in request.stream():
+                reader.write(chunk)
+
         try:
-            async with asyncio.timeout(self.limits.body_timeout):
-                async for chunk in request.stream():
-                    reader.write(chunk)
+            await asyncio.wait_for(read_body(), self.limits.body_timeout)
             payload = reader.finish()
-        except TimeoutError:
+        except asyncio.TimeoutError:
             raise Rejection(408, f"request body not received within {self.limits.body_timeout:g} s",
                             "body_timeout") from None
         except ClientDisconnect:
@@ -362,13 +364,15 @@ class UploadHandler(RegularRequestHandler):
         finally:
             reader.close()
         reader.received = now()
-        if self.decode:
+        if self.decode and payload["content_type"] != PIXELS_TYPE:
             _, model, pre = self.decode
             done = await asyncio.get_running_loop().run_in_executor(self.pool(), preprocess_upload, payload["path"],
                                                                     model, pre)
             if not done["ok"]:
                 raise Rejection(done["status"], done["detail"], done["cause"])
             reader.extra_paths.append(done["path"])
+            with contextlib.suppress(OSError):  # the JPEG is no longer needed: only the tensor waits
+                os.unlink(payload["path"])
             payload = {"path": done["path"], "content_type": PREPROCESSED_TYPE, "pre": done}
         return payload
 
