@@ -5,8 +5,9 @@
 On the device machine: ``--accelerator cuda --tag _h100 --random-weights`` (add ``--decoder nvjpeg`` for GPU
 decoding). It has no internet, so carry (git-ignored folders): ``.whl`` with the cp312 manylinux wheels of
 litserve 0.2.19, fastapi, starlette, pydantic, pydantic-core, annotated-types, typing-inspection,
-typing-extensions, opentelemetry-api, uvicorn, httptools, websockets, watchfiles, python-dotenv, python-multipart
-and pyzmq (`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`, ~5 MB), and
+typing-extensions, opentelemetry-api, uvicorn, httptools, websockets, watchfiles, python-dotenv, python-multipart,
+pyzmq, prometheus-client and simplejpeg (`pip download --no-deps --only-binary=:all: --python-version 3.12 ...`,
+~6 MB), and
 ``.devcache/assets/wallpapers`` (a copy of the wallpapers asset, ~27 MB); then
 ``pip install --no-index --no-deps --target /tmp/site .whl/*.whl`` and run with
 ``PYTHONPATH=/tmp/site:. EFFLLM_CACHE=.devcache EFFLLM_COMMIT=<sha>``.
@@ -23,13 +24,17 @@ def main():
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--log", default=None, help="server log file")
     ap.add_argument("--accelerator", default=None, help="cpu or cuda")
-    ap.add_argument("--decoder", default=None, help="pil, opencv or nvjpeg (CUDA only)")
+    ap.add_argument("--decoder", default=None, help="pil, opencv, turbo (simplejpeg) or nvjpeg (CUDA only)")
     ap.add_argument("--tag", default="", help="suffix for the results names, e.g. _h100")
     ap.add_argument("--random-weights", action="store_true",
                     help="never look for checkpoints (timing does not depend on weights; for offline machines)")
     ap.add_argument("--models", default=None, help="comma-separated subset of the scale's models")
+    ap.add_argument("--lenient-jpeg", action="store_true",
+                    help="accept JPEGs libjpeg only warns about (the paper's servers; default: strict, see preprocess)")
     args = ap.parse_args()
     server = {k: v for k, v in (("accelerator", args.accelerator), ("decoder", args.decoder)) if v}
+    if args.lenient_jpeg:
+        server["strict_jpeg"] = False
     if args.random_weights:
         server["pretrained"] = False
     out = experiments.run_breakdown_suite(args.scale, save=not args.no_save, log_path=args.log, server=server or None,

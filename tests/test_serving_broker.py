@@ -1,9 +1,11 @@
-"""Brokers between two DNNs: byte-exact delivery, acknowledged delivery across a Redis crash, and a
-two-DNN pipeline whose classifier answers must not depend on the broker. The tests start and stop their
-own redis-server on a free loopback port."""
+"""Brokers between two DNNs: byte-exact delivery, acknowledged delivery across a Redis crash, exactly-once
+results through repeated kills of Redis and of consumers, and a two-DNN pipeline whose classifier answers
+must not depend on the broker. The tests start and stop their own redis-server on a free loopback port."""
 
+import hashlib
 import threading
 import time
+from multiprocessing import get_context
 
 import numpy as np
 import pytest
@@ -119,3 +121,105 @@ def test_pipeline_answers_do_not_depend_on_the_broker(redis_server):
         assert np.allclose(spans.sum(axis=1), df["total_ms"])
         labels[kind] = {(r["image"], r["crop"]): r["label"] for r in recs}
     assert labels["queue"] == labels["redis"]
+
+
+@needs_redis
+def test_repeats_are_recognised_by_id_and_stored_once(redis_server):
+    """A producer retry that stored a message twice, and a re-delivery after a lost ack: one result each."""
+    br = B.RedisBroker(redis_server.url, stream="t-repeat").connect()
+    for mid in ("a", "a", "b"):  # "a" twice, as a retried XADD whose first reply was lost
+        br.put(np.full(8, ord(mid[0]), np.uint8), {}, mid=mid)
+    seen = []
+    while (msg := br.get(timeout=0.2)) is not None:
+        if br.is_done(msg):
+            br.complete(msg, None)
+            continue
+        seen.append(msg.id)
+        br.complete(msg, {"id": msg.id, "sum": int(msg.array.sum())})
+    assert seen == ["a", "b"]
+    assert br.collect(["a", "b"], timeout=5) == {"a": {"id": "a", "sum": 8 * 97}, "b": {"id": "b", "sum": 8 * 98}}
+    assert br.deliveries() == {"a": 2, "b": 1} and br.pending() == 0 and br.stream_length() == 0
+
+
+@needs_redis
+def test_a_dead_consumers_pending_message_is_reclaimed(redis_server):
+    dead = B.RedisBroker(redis_server.url, stream="t-claim", consumer="dead", claim_idle=0.3).connect()
+    dead.put(np.arange(5, dtype=np.int16), {}, mid="m1")
+    assert dead.get(timeout=1).id == "m1"  # delivered to "dead", which never acknowledges
+    alive = dead.with_consumer("alive").connect()
+    assert alive.get(timeout=0.1) is None  # not idle long enough yet: the owner may still be working
+    time.sleep(0.4)
+    msg = alive.get(timeout=1)
+    assert msg is not None and msg.id == "m1" and np.array_equal(msg.array, np.arange(5))
+    alive.complete(msg, {"id": "m1"})
+    assert alive.pending() == 0
+
+
+N_CHAOS = 200
+
+
+def _payload(i: int) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, 3000, dtype=np.uint8)
+
+
+@needs_redis
+def test_kills_and_restarts_of_redis_and_consumers_lose_and_repeat_nothing():
+    """Produce N_CHAOS messages while, three times over, a consumer process is SIGKILLed and replaced by a new one
+    (another name: its predecessor's pending message must be reclaimed) and redis-server is SIGKILLed and
+    restarted. The results must hold every accepted id exactly once, each with the digest of the very array
+    the producer sent (computed here, independently)."""
+    ctx = get_context("spawn")
+    rng = np.random.default_rng(0)
+    with B.RedisServer(appendfsync="always") as rs:
+        base = B.RedisBroker(rs.url, stream="t-chaos", claim_idle=0.5, retry_for=60)
+        producer = base.with_consumer("producer").connect()
+        accepted, stop, ready = [], ctx.Event(), ctx.Queue()
+
+        def start_consumer(k):
+            proc = ctx.Process(target=B.run_consumer, args=(base.with_consumer(f"c{k}"), B.digest_handler, stop,
+                                                            ready), kwargs={"work": 0.01}, daemon=True)
+            proc.start()
+            return proc
+
+        def produce():
+            for i in range(N_CHAOS):
+                mid = producer.put(_payload(i), {"i": i}, mid=f"m{i}")
+                accepted.append(mid)  # only once Redis acknowledged the XADD
+                time.sleep(0.01)
+
+        consumers = [start_consumer(0), start_consumer(1)]
+        for _ in consumers:
+            ready.get(timeout=60)
+        t0 = time.monotonic()
+        feeder = threading.Thread(target=produce)
+        feeder.start()
+        try:
+            for k in range(3):
+                time.sleep(rng.uniform(0.3, 0.8))
+                victim = consumers.pop(0)
+                victim.kill()  # SIGKILL: whatever it held is pending under its name
+                victim.join(timeout=10)
+                consumers.append(start_consumer(2 + k))
+                time.sleep(rng.uniform(0.2, 0.6))
+                rs.restart(hard=True)  # SIGKILL: only what was fsynced survives
+            t1 = time.monotonic()
+            feeder.join(timeout=120)
+            assert not feeder.is_alive() and len(accepted) == N_CHAOS
+            t2 = time.monotonic()
+            results = producer.collect(accepted, timeout=60)
+            print(f"chaos {t1 - t0:.1f} s, production done +{t2 - t1:.1f} s, results +{time.monotonic() - t2:.1f} s")
+        finally:
+            stop.set()
+            for proc in consumers:
+                proc.join(timeout=10)
+                if proc.is_alive():
+                    proc.kill()
+        assert sorted(results) == sorted(accepted)
+        for mid, rec in results.items():
+            i = int(mid[1:])
+            assert rec["i"] == i and rec["digest"] == hashlib.sha256(_payload(i).tobytes()).hexdigest(), mid
+        deliveries = producer.deliveries()
+        assert set(deliveries) == set(accepted) and min(deliveries.values()) >= 1
+        print(f"{sum(r['redelivered'] for r in results.values())} results from re-delivered or reclaimed messages, "
+              f"{sum(deliveries.values()) - len(deliveries)} repeats recognised")
+        assert producer.pending() == 0 and producer.stream_length() == 0

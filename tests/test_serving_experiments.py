@@ -15,8 +15,26 @@ def test_suite_main_passes_the_options_and_checks_them(capsys):
 
     experiments.suite_main(fake, {"ci": {}, "full": {}}, ["--scale", "full", "--accelerator", "cuda", "--tag", "_h100"])
     experiments.suite_main(fake, {"ci": {}, "full": {}}, ["--no-save"])
-    assert calls == [("full", True, {"accelerator": "cuda"}, "_h100"), ("ci", False, None, "")]
+    experiments.suite_main(fake, {"ci": {}, "full": {}}, ["--lenient-jpeg"])
+    assert calls == [("full", True, {"accelerator": "cuda"}, "_h100"), ("ci", False, None, ""),
+                     ("ci", True, {"strict_jpeg": False}, "")]
     assert "naive" in capsys.readouterr().out
     for bad in (["--scale", "huge"], ["--accelerator", "tpu"]):
         with pytest.raises(SystemExit):
             experiments.suite_main(fake, {"ci": {}}, bad)
+
+
+@pytest.mark.slow  # two servers boot and are measured for 2 s each: about a minute on 2 shared cores
+def test_decode_pool_design_runs_in_the_optimizations_suite_at_ci_scale():
+    out = experiments.run_optimizations_suite("ci", configs=("combined, 1 worker",
+                                                              "combined, 1 worker, decode pool of 2"))
+    runs, summary = out["runs"], out["summary"].set_index("design")
+    assert set(summary.index) == {"combined, 1 worker", "combined, 1 worker, decode pool of 2"}
+    assert (runs["errors"] == 0).all() and (runs["ok"] > 0).all()
+    assert summary.loc["combined, 1 worker", "speedup"] == 1.0
+    assert summary["throughput_rps"].gt(0).all()
+
+
+def test_unknown_design_is_an_error():
+    with pytest.raises(ValueError, match="unknown designs"):
+        experiments.run_optimizations_suite("ci", configs=("naive", "teleport"))

@@ -59,10 +59,10 @@ def test_pillow_and_opencv_decode_the_same_pixels():
     assert np.abs(a - b).mean() < 1.5  # both libjpeg-based; IDCT / upsampling rounding differ slightly
 
 
-@pytest.mark.parametrize("decoder", ["pil", "opencv"])
+@pytest.mark.parametrize("decoder", ["pil", "opencv", "turbo"])
 def test_reduced_decode_approximates_full_decode(decoder):
-    if decoder == "opencv":
-        pytest.importorskip("cv2")
+    if decoder in ("opencv", "turbo"):
+        pytest.importorskip("cv2")  # resizes arrays
     data = synthetic_jpeg(1600, 1200, seed=1)
     full = pp.to_uint8_chw(pp.resize(pp.decode(data, decoder), (224, 224))).float()
     fast = pp.resize(pp.decode(data, decoder, target=(224, 224), reduced=True), (224, 224))
@@ -122,3 +122,49 @@ def test_config_pin_memory_switch():
     assert pp.PreprocessConfig(pin_memory=False).pin_memory is False
     with pytest.raises(TypeError, match="pin_memory"):
         pp.PreprocessConfig(pin_memory=1)
+
+
+def test_turbo_decodes_the_same_pixels_as_pillow():
+    data = synthetic_jpeg(320, 240, seed=4)
+    a = np.asarray(pp.decode(data, "pil"), dtype=np.int16)
+    b = pp.decode(data, "turbo").astype(np.int16)
+    assert a.shape == b.shape == (240, 320, 3)
+    assert np.abs(a - b).mean() < 1.5  # both libjpeg-turbo; default IDCT / upsampling settings may differ
+
+
+def cut_and_closed(data: bytes) -> bytes:
+    """A file cut in the middle of its scan and closed with an end-of-image marker: the header checks pass,
+    and libjpeg recovers (grey blocks) with only a warning."""
+    return data[: len(data) // 2] + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("decoder", ["pil", "opencv", "turbo"])
+def test_a_scan_cut_short_is_an_error_when_strict(decoder):
+    pytest.importorskip("cv2")
+    good = synthetic_jpeg(400, 300, seed=2)
+    bad = cut_and_closed(good)
+    assert pp.check_jpeg(bad) == (400, 300)  # the cheap header checks cannot see it
+    with pytest.raises(pp.BadImage, match="premature end") as err:
+        pp.decode(bad, decoder)
+    assert err.value.status == 400
+    # lenient libjpeg (the paper's servers) returns pixels that differ from the photo: the reason for strict
+    lenient = np.asarray(pp.decode(bad, decoder, strict=False), dtype=np.int16)
+    full = np.asarray(pp.decode(good, decoder), dtype=np.int16)
+    assert lenient.shape == full.shape and np.abs(lenient - full)[-50:].mean() > 10
+
+
+def test_two_frame_headers_are_refused():
+    good = synthetic_jpeg(64, 48)
+    i = good.index(b"\xff\xc0")
+    (length,) = struct.unpack(">H", good[i + 2:i + 4])
+    sof = good[i:i + 2 + length]
+    huge = sof[:5] + struct.pack(">HH", 65000, 65000) + sof[9:]
+    with pytest.raises(pp.BadImage, match="more than one frame header") as err:
+        pp.check_jpeg(good[:i + 2 + length] + huge + good[i + 2 + length:])
+    assert err.value.status == 400
+
+
+def test_config_strict_switch():
+    assert pp.PreprocessConfig().strict is True
+    with pytest.raises(TypeError, match="strict"):
+        pp.PreprocessConfig(strict="no")

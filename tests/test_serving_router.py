@@ -14,7 +14,7 @@ from starlette.routing import Route
 from effllm_lib.serving import loadgen, preprocess as pp
 from effllm_lib.serving.images import synthetic_jpeg
 from effllm_lib.serving.router import Router, RouterConfig, RouterProcess, image_part, image_pixels
-from effllm_lib.serving.server import ImageRequestGuard, free_port
+from effllm_lib.serving.server import ImageRequestGuard, Limits, free_port
 
 THRESHOLD = 10_000  # pixels: 64x64 (4096) is small, 200x100 (20000) large
 SLOW_WIDTH = 333  # a backend sleeps on images of this width (to test the router's timeout)
@@ -83,7 +83,7 @@ def backend_app(name):
 
     app = Starlette(routes=[Route("/predict", predict, methods=["POST"]),
                             Route("/health", lambda r: PlainTextResponse("ok"))])
-    return ImageRequestGuard(app, max_bytes=1_000_000)
+    return ImageRequestGuard(app, Limits(max_bytes=1_000_000))
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -143,3 +144,52 @@ def test_start_asks_once_even_after_the_deadline():
         assert proc.start() == proc.url
     finally:
         proc.stop()
+
+
+@pytest.mark.slow  # ~35 s on 2 shared cores: a server and its pool process boot
+def test_decode_pool_gives_the_same_answers_and_keeps_the_stamps_in_order(tmp_path):
+    """The overlapped design: a pool process preprocesses each upload before the inference queue. Same answer
+    as the in-process reference, bad images answered from the pool, spans still consecutive and adding up."""
+    data = synthetic_jpeg(400, 300, seed=7)
+    torch.set_num_threads(1)
+    net, spec = models.build("mobilenet_v2", pretrained=False)
+    x = pp.normalize(pp.to_uint8_chw(pp.resize(pp.decode(data), spec.input_size)), spec.mean, spec.std)
+    with torch.inference_mode():
+        ref = torch.softmax(net(x[None])[0], 0).topk(5)
+    with ServerProcess(model="mobilenet_v2", pretrained=False, max_batch_size=4, batch_timeout=0.05, decode_pool=1,
+                       log_path=str(tmp_path / "server.log")) as url:
+        status, _, reply = post(url, *loadgen.multipart(data))
+        assert status == 200, reply
+        assert reply["result"]["top5"] == ref.indices.tolist()
+        assert reply["result"]["prob"] == pytest.approx(ref.values.tolist(), abs=1e-4)
+        status, _, reply = post(url, *loadgen.multipart(data[: len(data) // 2] + b"\xff\xd9"))
+        assert status == 400 and "premature end" in reply["detail"]
+        recs = loadgen.closed_loop(url, [synthetic_jpeg(320, 240, seed=s) for s in range(3)], concurrency=4,
+                                   requests=12)
+        assert all(r["status"] == 200 for r in recs)
+        df = profiler.frame(loadgen.ok_records(recs))
+        assert (df[list(profiler.STAGES)] >= 0).all().all()
+        assert (df[list(profiler.STAGES)].sum(axis=1) - df["total_ms"]).abs().max() < 1e-6
+
+
+def test_preprocess_upload_matches_the_in_worker_preprocessing(tmp_path):
+    """The decode pool's function, in-process: the tensor it writes is the one the worker would build."""
+    from effllm_lib.serving.server import preprocess_upload
+
+    data = synthetic_jpeg(300, 200, seed=3)
+    path = tmp_path / "upload"
+    path.write_bytes(data)
+    for pre in (pp.PreprocessConfig(), pp.PreprocessConfig(normalize_on="device", reduced=True)):
+        done = preprocess_upload(str(path), "mobilenet_v2", pre)
+        assert done["ok"] and done["image_size"] == [300, 200]
+        got = torch.from_numpy(np.fromfile(done["path"], dtype=np.dtype(done["dtype"])).reshape(done["shape"]))
+        img = pp.resize(pp.decode(data, target=(224, 224), reduced=pre.reduced), (224, 224))
+        ref = pp.to_uint8_chw(img)
+        if pre.normalize_on == "host":
+            ref = pp.normalize(ref, models.IMAGENET_MEAN, models.IMAGENET_STD)
+        assert got.dtype == ref.dtype and torch.equal(got, ref)
+        st = done["stamps"]
+        assert st["dequeued"] <= st["decoded"] <= st["resized"] <= st["normalized"]
+    path.write_bytes(data[:300])
+    bad = preprocess_upload(str(path), "mobilenet_v2", pp.PreprocessConfig())
+    assert not bad["ok"] and bad["status"] == 400

@@ -79,7 +79,8 @@ def throughput(model: str = "mobilenet_v2", size: str = "large", *, per_size: in
     Returns (saturation, curve): ``saturation`` has one row per round and mode from a closed loop of
     ``concurrency`` clients; ``curve`` one row per offered rate and mode from a Poisson open loop."""
     imgs = request_images([size], per_size)[size]
-    cfg = ServerConfig(model=model, **(server or {}))
+    # the pre-decoded pixels input exists for this comparison only: switched on here, off on a public server
+    cfg = ServerConfig(model=model, **{**(server or {}), "allow_pixels": True})
     sat, curve = [], []
     with ServerProcess(cfg, log_path=log_path) as url:
         from .models import TASKS as _T
@@ -185,35 +186,68 @@ PIPELINE_SCALES = {
 }
 
 
-def run_pipeline_suite(scale: str = "ci", *, save: bool = False) -> dict:
-    """Detector -> classifier over each broker; per-crop spans, per-broker medians and the claim row."""
+def run_pipeline_suite(scale: str = "ci", *, save: bool = False, appendfsync: str = "always", tag: str = "") -> dict:
+    """Detector -> classifier over each broker; per-crop spans, per-broker medians and the claim row.
+    ``appendfsync`` is the Redis durability setting (``always``: an accepted crop survives a broker crash);
+    ``tag`` suffixes the results names (claims are saved only untagged)."""
     from .. import results
     from . import broker as B
 
     if scale not in PIPELINE_SCALES:
         raise ValueError(f"scale must be one of {', '.join(PIPELINE_SCALES)}")
-    p = PIPELINE_SCALES[scale]
+    p = {**PIPELINE_SCALES[scale], "appendfsync": appendfsync}
     photos = _images.photos(p["size"])
     imgs = [photos[i % len(photos)][1] for i in range(p["images"])]
     load_before, frames = machine_load(), []
-    with B.RedisServer() as rs:
+    with B.RedisServer(appendfsync=appendfsync) as rs:
         for r in range(p["rounds"]):
             for kind in p["brokers"]:
                 df = B.pipeline_frame(B.run_pipeline(kind, imgs, crops=p["crops"], rate=p["rate"], redis_url=rs.url))
                 df["round"] = r
                 frames.append(df)
+        aof_fs = B.filesystem_of(rs.workdir)
     crops = pd.concat(frames, ignore_index=True)
     summary = B.broker_share(crops)
     redis_share = float(summary.set_index("broker").loc["redis", "broker_share"])
     claims = pd.DataFrame([{"claim_id": "broker_share_pipeline", "ours": round(redis_share, 2), "status": "measured",
-                            "reason": f"Redis stream (acknowledged) between a MobileNetV2-SSDLite-like detector and a "
+                            "reason": f"Redis stream (acknowledged, exactly once by message id, appendfsync "
+                                      f"{appendfsync}) between a MobileNetV2-SSDLite-like detector and a "
                                       f"MobileNetV2 classifier, {p['crops']} crops of 224x224 per {p['size']} photo, "
                                       f"median over crops, CPU"}])
     out = {"crops": crops, "summary": summary, "claims": claims}
     if save:
-        extra = {"load_before": load_before, "load_after": machine_load()}
+        extra = {"load_before": load_before, "load_after": machine_load(), "aof_filesystem": aof_fs}
         for name, key in (("pipeline_crops", "crops"), ("pipeline_summary", "summary"), ("claims_pipeline", "claims")):
-            results.save(out[key], "serving", name, params=p, scale=scale, extra=extra)
+            if not (tag and key == "claims"):
+                results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
+    return out
+
+
+DURABILITY_SCALES = {"ci": {"messages": 100, "rounds": 1}, "full": {"messages": 1000, "rounds": 5}}
+
+
+def run_durability_suite(scale: str = "ci", *, save: bool = False, workdir: str | None = None, tag: str = "") -> dict:
+    """Per-message cost of Redis's ``appendfsync`` settings (``broker.durability_cost``): ``runs`` (one row
+    per setting and round) and ``summary`` (medians over rounds, and each setting's whole-message p50 as a
+    ratio to ``no``, the setting without fsync)."""
+    from .. import results
+    from . import broker as B
+
+    if scale not in DURABILITY_SCALES:
+        raise ValueError(f"scale must be one of {', '.join(DURABILITY_SCALES)}")
+    p = DURABILITY_SCALES[scale]
+    load_before = machine_load()
+    runs = pd.DataFrame(B.durability_cost(messages=p["messages"], rounds=p["rounds"], workdir=workdir))
+    cols = [c for c in runs.columns if c.endswith("_us")]
+    med = runs.groupby(["appendfsync", "filesystem"], sort=False)[cols].median().reset_index()
+    base = float(med.set_index("appendfsync").loc["no", "message_p50_us"])
+    med["message_p50_vs_no"] = med["message_p50_us"] / base
+    med["extra_us_per_message"] = med["message_p50_us"] - base
+    out = {"runs": runs, "summary": med}
+    if save:
+        extra = {"load_before": load_before, "load_after": machine_load()}
+        for name, key in (("durability_runs", "runs"), ("durability", "summary")):
+            results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
     return out
 
 
@@ -226,11 +260,19 @@ OPTIMIZATIONS = {
     "naive": {},
     "dynamic batching": {"max_batch_size": 8},
     "DCT-domain reduced decode": {"reduced": True},
+    # libjpeg-turbo through simplejpeg reports libjpeg's warnings itself: strict decoding without the
+    # separate entropy-decoding pass that Pillow needs (see preprocess)
+    "simplejpeg decoder": {"decoder": "turbo"},
     "uint8 transfer, normalize after copy": {"normalize_on": "device"},
     "pinned host memory": {"pin_memory": True},
     "2 inference workers": {"workers": 2},
+    # decoding in a pool of processes in the HTTP server, overlapped with the inference worker's batches
+    # (otherwise the worker decodes every request of a batch itself before it can infer)
+    "decode pool of 2, overlapped": {"decode_pool": 2},
     "combined": {"max_batch_size": 8, "reduced": True, "normalize_on": "device", "pin_memory": True, "workers": 2},
     "combined, 1 worker": {"max_batch_size": 8, "reduced": True, "normalize_on": "device", "pin_memory": True},
+    "combined, 1 worker, decode pool of 2": {"max_batch_size": 8, "reduced": True, "normalize_on": "device",
+                                             "pin_memory": True, "decode_pool": 2},
 }
 # On a CUDA server: the JPEG bytes go to the GPU and nvJPEG decodes and resizes there (torchvision.io).
 GPU_OPTIMIZATIONS = {
@@ -290,7 +332,7 @@ def _interleaved_passes(designs: dict, imgs, *, passes: int, concurrency: int, d
 
 
 def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: str | None = None,
-                            server: dict | None = None, tag: str = "") -> dict:
+                            server: dict | None = None, tag: str = "", configs: tuple[str, ...] | None = None) -> dict:
     """Closed-loop throughput of the naive design, each optimization alone and all combined.
 
     All servers start first and stay up, paused (SIGSTOP) while it is not their turn; then ``passes``
@@ -310,6 +352,11 @@ def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: 
     if (server or {}).get("accelerator") == "cuda":
         designs.update(GPU_OPTIMIZATIONS)
         p["configs"] = tuple(p["configs"]) + tuple(GPU_OPTIMIZATIONS)
+    if configs:  # a subset of the designs (the first is the reference of the ratios)
+        unknown = set(configs) - set(designs)
+        if unknown:
+            raise ValueError(f"unknown designs {sorted(unknown)}; expected some of {list(designs)}")
+        p["configs"] = tuple(configs)
     imgs = _images.photos(p["size"], p["per_size"])
     load_before = machine_load()
     with contextlib.ExitStack() as stack:
@@ -323,10 +370,11 @@ def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: 
     runs = pd.DataFrame(rows)
     med = runs.groupby("design", sort=False)[["throughput_rps", "p50_ms", "p99_ms", "mean_batch",
                                               "requests_per_cpu_s"]].median()
-    med["speedup"] = med["throughput_rps"] / med.loc["naive", "throughput_rps"]
-    med["cpu_efficiency_gain"] = med["requests_per_cpu_s"] / med.loc["naive", "requests_per_cpu_s"]
+    ref = "naive" if "naive" in med.index else p["configs"][0]
+    med["speedup"] = med["throughput_rps"] / med.loc[ref, "throughput_rps"]
+    med["cpu_efficiency_gain"] = med["requests_per_cpu_s"] / med.loc[ref, "requests_per_cpu_s"]
     med = med.reset_index()
-    gain = float(med.set_index("design").loc["combined", "speedup"])
+    gain = float(med.set_index("design").loc["combined", "speedup"]) if "combined" in set(med.design) else float("nan")
     claims = pd.DataFrame([{"claim_id": "optimized_throughput_gain", "ours": round(gain, 3), "status": "measured",
                             "reason": f"combined vs naive design of our server (Pillow full decode, no batching, "
                                       f"float transfer, pageable memory, 1 worker), MobileNetV2, {p['size']} photos, "
@@ -469,8 +517,13 @@ def suite_main(run, scales: dict, argv=None, description: str | None = None) -> 
     ap.add_argument("--accelerator", default=None, choices=("cpu", "cuda"))
     ap.add_argument("--tag", default="")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--lenient-jpeg", action="store_true",
+                    help="accept JPEGs libjpeg only warns about (the paper's servers; default: strict, see preprocess)")
     args = ap.parse_args(argv)
-    server = {"accelerator": args.accelerator} if args.accelerator else None
+    server = {"accelerator": args.accelerator} if args.accelerator else {}
+    if args.lenient_jpeg:
+        server["strict_jpeg"] = False
+    server = server or None
     out = run(args.scale, save=not args.no_save, server=server, tag=args.tag)
     print(out["summary"].round(2).to_string())
     if "claims" in out:

@@ -3,11 +3,20 @@
 decode (JPEG bytes -> RGB uint8 pixels) -> resize (to the model's input) -> normalize (float, mean/std,
 CHW) -> host-to-device copy (``to_device``, done per batch by the server).
 
-Decoders: ``pil`` (Pillow, libjpeg-turbo), ``opencv`` (cv2.imdecode) and ``nvjpeg`` (torchvision.io on a
-CUDA device; the device machine has it, this CPU box does not). ``reduced=True`` asks the JPEG decoder to
-scale by 1/2, 1/4 or 1/8 in the DCT domain (Pillow's ``draft``, OpenCV's ``IMREAD_REDUCED_COLOR_k``): it
+Decoders: ``pil`` (Pillow, libjpeg-turbo), ``opencv`` (cv2.imdecode), ``turbo`` (libjpeg-turbo's TurboJPEG
+API through simplejpeg) and ``nvjpeg`` (torchvision.io on a CUDA device; the device machine has it, this CPU
+box does not). ``reduced=True`` asks the JPEG decoder to scale by 1/2, 1/4 or 1/8 in the DCT domain
+(Pillow's ``draft``, OpenCV's ``IMREAD_REDUCED_COLOR_k``, simplejpeg's ``min_height``/``min_width``): it
 never produces fewer pixels than the resize needs, so it is an optimization, not a quality change
 beyond the resize itself.
+
+Strict decoding: libjpeg *recovers* from a damaged scan (a file cut short and closed with an end-of-image
+marker decodes, the missing blocks grey) and only issues a warning ("premature end of data segment"),
+which Pillow and OpenCV do not surface. A server must not answer such a file as if it were the photo, so
+with ``strict=True`` (the default) every libjpeg warning is an error: ``turbo`` decodes with simplejpeg's
+``strict`` mode (no extra cost); ``pil``, ``opencv`` and ``nvjpeg`` first run the entropy decoder alone
+over the file through simplejpeg at the smallest DCT scale (``check_scan``), which costs a fraction of a
+full decode; ``strict=False`` restores libjpeg's lenient behaviour (the paper's servers).
 
 Bad input raises ``BadImage`` with the HTTP status a server should answer (400 corrupt or truncated,
 413 too many pixels, 415 not a JPEG).
@@ -23,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-DECODERS = ("pil", "opencv", "nvjpeg")
+DECODERS = ("pil", "opencv", "turbo", "nvjpeg")
 DEFAULT_MAX_PIXELS = 40_000_000  # 40 MP: larger than any 8K photo, far below a decompression bomb
 
 
@@ -43,7 +52,7 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
     data = bytes(data)
     if len(data) < 4 or data[:2] != b"\xff\xd8":
         raise BadImage(415, "not a JPEG image (missing the SOI marker FF D8)")
-    i = 2
+    i, size = 2, None
     while i + 4 <= len(data):
         if data[i] != 0xFF:
             raise BadImage(400, f"corrupt JPEG: expected a marker at byte {i}")
@@ -62,11 +71,17 @@ def jpeg_size(data: bytes) -> tuple[int, int]:
             height, width = struct.unpack(">HH", data[i + 5:i + 9])
             if width == 0 or height == 0:
                 raise BadImage(400, f"corrupt JPEG: frame size {width}x{height}")
-            return width, height
-        if marker == 0xDA:  # start of scan before any frame header
+            if size is not None:
+                # decoders disagree on which of two frame headers counts (Pillow takes the last): a small
+                # first one would let a huge second one past the pixel limit
+                raise BadImage(400, "corrupt JPEG: more than one frame header (SOF)")
+            size = (width, height)
+        if marker == 0xDA:  # start of scan: every header segment has been seen
             break
         i += 2 + length
-    raise BadImage(400, "corrupt or truncated JPEG: no frame header (SOF) found")
+    if size is None:
+        raise BadImage(400, "corrupt or truncated JPEG: no frame header (SOF) found")
+    return size
 
 
 def check_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, int]:
@@ -81,6 +96,17 @@ def check_jpeg(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[int, 
     return width, height
 
 
+def check_scan(data: bytes) -> None:
+    """Run libjpeg-turbo's entropy decoder over the whole file (simplejpeg, smallest DCT scale, grey) and
+    turn any warning into ``BadImage(400)``: the strict check for decoders that hide libjpeg's warnings."""
+    import simplejpeg
+
+    try:
+        simplejpeg.decode_jpeg(data, "GRAY", min_height=1, min_width=1, fastdct=True, strict=True)
+    except ValueError as exc:
+        raise BadImage(400, f"corrupt JPEG: {exc}") from None
+
+
 # ------------------------------------------------------------------------------------------------- decode
 def _reduction(src: tuple[int, int], dst: tuple[int, int]) -> int:
     """Largest DCT scale factor in (1, 2, 4, 8) that keeps both sides at least the target's."""
@@ -93,14 +119,22 @@ def _reduction(src: tuple[int, int], dst: tuple[int, int]) -> int:
 
 
 def decode(data: bytes, decoder: str = "pil", *, target: tuple[int, int] | None = None, reduced: bool = False,
-           device: str | torch.device = "cpu"):
-    """JPEG bytes -> RGB pixels: a PIL Image (pil), an HWC uint8 array (opencv) or a CHW uint8 CUDA
-    tensor (nvjpeg). ``reduced`` with ``target`` (H, W) lets the decoder downscale in the DCT domain."""
+           device: str | torch.device = "cpu", strict: bool = True):
+    """JPEG bytes -> RGB pixels: a PIL Image (pil), an HWC uint8 array (opencv, turbo) or a CHW uint8 CUDA
+    tensor (nvjpeg). ``reduced`` with ``target`` (H, W) lets the decoder downscale in the DCT domain;
+    ``strict`` makes libjpeg's warnings errors (module docstring)."""
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; expected one of {', '.join(DECODERS)}")
     if reduced and target is None:
         raise ValueError("reduced decoding needs the target size")
+    if strict and decoder != "turbo":
+        check_scan(data)
     try:
+        if decoder == "turbo":
+            import simplejpeg
+
+            th, tw = target if reduced else (0, 0)
+            return simplejpeg.decode_jpeg(data, "RGB", min_height=th, min_width=tw, strict=strict)
         if decoder == "pil":
             img = Image.open(io.BytesIO(data))
             if reduced:
@@ -202,7 +236,8 @@ class PreprocessConfig:
     ``normalize_on="host"`` converts each request to float on the CPU (4 bytes a pixel cross to the
     device); ``"device"`` keeps uint8 until after the copy (1 byte a pixel) and normalizes the batch there.
     ``pin_memory`` stages each batch in page-locked host memory before a CUDA copy (see ``to_device``); a
-    CPU server makes no such copy, so there it changes nothing.
+    CPU server makes no such copy, so there it changes nothing. ``strict`` rejects images libjpeg only
+    warns about (a scan cut short), see ``decode``.
     """
 
     decoder: str = "pil"
@@ -210,6 +245,7 @@ class PreprocessConfig:
     normalize_on: str = "host"
     max_pixels: int = DEFAULT_MAX_PIXELS
     pin_memory: bool = True
+    strict: bool = True  # libjpeg warnings are errors (see ``decode``)
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
@@ -218,5 +254,6 @@ class PreprocessConfig:
             raise ValueError(f"normalize_on must be 'host' or 'device', got {self.normalize_on!r}")
         if self.max_pixels <= 0:
             raise ValueError("max_pixels must be positive")
-        if not isinstance(self.pin_memory, bool):
-            raise TypeError(f"pin_memory must be a bool, got {type(self.pin_memory).__name__}")
+        for name in ("pin_memory", "strict"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
