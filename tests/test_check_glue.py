@@ -88,14 +88,16 @@ def code(text):
     return {"cell_type": "code", "metadata": {}, "source": text, "outputs": [], "execution_count": None}
 
 
-def test_notebook_findings_name_cell_and_unglued_names(tmp_path):
+def test_notebook_findings_name_the_cell(tmp_path):
     nb = write_nb(tmp_path / "nb.ipynb", [
         md("# Title"),
         code('from myst_nb import glue\nglue("share", 65.2, display=False)'),
-        md("Share {glue:text}`share:.0f`% and {glue:text}`missing:.1f`x; typed 3.47x."),
+        md("Share {glue:text}`share:.0f`% and {glue:text}`other::speedup:.1f`x; typed 3.47x."),
+        code("x = 65.3  # numbers in code cells are code"),
+        md("And 12 ms."),
     ])
     findings = check_glue.check_file(nb, tmp_path)
-    assert [(f.cell, f.number) for f in findings] == [(2, "3.47x"), (2, "missing")]
+    assert [(f.cell, f.number) for f in findings] == [(2, "3.47x"), (4, "12")]
 
 
 def test_main_exit_status(tmp_path, capsys):
