@@ -15,7 +15,8 @@ states a number that is not computed. A number in prose is allowed only where it
   still checked, so wrapping a result in backticks or dollars does not hide it;
 * it is inside a link's target (the URL), an HTML comment, or a directive's ``:option:`` line;
 * it numbers a heading or a list item (``1. ``, ``## 2.``), or it refers to a part of a text
-  (Section 4.4, Table 2, Figure 3, notebook 01, part 2, issue 13) or is a year after a name (DAC 2024);
+  (Section 4.4, Table 2, Figure 3, notebook 01, part 2, issue 13) or is a year after a name or in a
+  citation (DAC 2024, Chen et al., 2025);
 * it is one of the **paper's published values** for the chapter (``paper_value`` and the numbers of
   ``description`` in ``data/paper/<chapter>.csv``, the chapter being the notebook's folder):
   quoting the paper is allowed, and is why the paper's 56% may be typed.
@@ -159,11 +160,11 @@ def typed_numbers(markdown: str, allowed: set[float] = frozenset()) -> list[tupl
     """(number, sentence) for every number in the markdown that no rule allows."""
     text = visible_prose(markdown)
     found = []
-    previous = ""
+    previous = previous_raw = ""
     for m in TOKEN_RE.finditer(text):
         raw = m.group()
         token = raw.lstrip(STRIP_LEAD).rstrip(STRIP_TRAIL)
-        before, previous = previous, token.lower()
+        before, before_raw, previous, previous_raw = previous, previous_raw, token.lower(), raw
         if not re.search(r"\d", token) or "‹" in token or "›" in token:
             continue
         if token[0].isalpha() or SHAPE_RE.fullmatch(token) or VERSION_RE.fullmatch(token):
@@ -175,8 +176,8 @@ def typed_numbers(markdown: str, allowed: set[float] = frozenset()) -> list[tupl
             continue
         numbers = [_as_float(p) for p in re.split(r"[-–]", value["num"]) if p]
         if re.fullmatch(r"(19[7-9]\d|20[0-3]\d)", token) and before[:1].isalpha() and \
-                text[_previous_word_start(text, m.start())].isupper():
-            continue  # a year after a name: DAC 2024
+                (text[_previous_word_start(text, m.start())].isupper() or before_raw.endswith(",")):
+            continue  # a year after a name or in a citation: DAC 2024, (Chen et al., 2025)
         if numbers and all(n in allowed for n in numbers):
             continue
         found.append((token, _sentence_at(text, m.start()).replace("‹›", "…")))

@@ -28,6 +28,7 @@ def flagged(md, allowed=frozenset()):
     ("see [the result 65%](https://example.org/x)", ["65%"]),
     ("## Both machines at batch 1", ["1"]),
     ("16,384 tokens", ["16,384"]),
+    ("we decode 2024 tokens", ["2024"]),
 ])
 def test_typed_numbers_are_flagged(md, numbers):
     assert flagged(md) == numbers
@@ -43,7 +44,7 @@ def test_typed_numbers_are_flagged(md, numbers):
     "a [link](https://example.org/v1.2/page_3) and <https://example.org/2024> and <!-- 65% -->",
     "1. first item\n2. second item\n## 3. A numbered heading",
     "Section 4.4 of the paper, Table 2, Figure 3, notebook 01, part 2, issue 13, #13",
-    "*Beyond Inference* (AbouElhamayed et al., DAC 2024)",
+    "*Beyond Inference* (AbouElhamayed et al., DAC 2024) and SparAMX (AbouElhamayed et al., 2025)",
     "```python\nx = 65.3\n```\n",
     "```{figure} img.png\n:width: 80%\nA caption without numbers.\n```\n",
 ])
