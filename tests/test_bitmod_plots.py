@@ -43,3 +43,37 @@ def test_real_weights_shares_sum_to_one():
     assert b.get_ylabel() == "share of groups (fraction)"
     heights = sorted(round(p.get_height(), 3) for p in b.patches if p.get_height() > 0)
     assert heights == [0.25, 0.5, 0.5, 0.75]  # 3/4, 1/4 at 3 bits; 1/2, 1/2 at 4 bits
+
+
+def test_cycle_ratios_panels_per_stage():
+    cycles = results.load("bitmod", "accel_cycles")
+    fig = plots.cycle_ratios(cycles)
+    axes = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert len(axes) == cycles.stage.nunique()
+    assert axes[0].get_ylabel() == "modelled / published cycles (ratio)"
+
+
+@pytest.mark.parametrize("name, fn, ylabel", [
+    ("accel_speedup", lambda t: plots.speedups(t, 256, 20), "speed-up over the FP16 accelerator (x)"),
+    ("accel_energy", plots.energies, "energy / FP16 energy (ratio)"),
+])
+def test_stage_bars_heights_are_the_table(name, fn, ylabel):
+    table = results.load("bitmod", name)
+    fig = fn(table)
+    axes = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in axes] == [ylabel, ylabel]
+    col = "prefill_speedup" if name == "accel_speedup" else "prefill_energy_vs_fp16"
+    heights = sorted(round(p.get_height(), 6) for p in axes[0].patches if p.get_height() > 0)
+    assert heights == sorted(round(v, 6) for v in table[col])
+
+
+def test_sensitivity_one_panel_per_knob():
+    sweeps = results.load("bitmod", "accel_sensitivity")
+    fig = plots.sensitivity(sweeps)
+    assert [ax.get_xlabel() for ax in fig.axes] == [plots.SENSITIVITY_LABELS[k] for k in dict.fromkeys(sweeps.knob)]
+    assert len(fig.axes[0].get_lines()) == 2 * sweeps.over.nunique()
+
+
+def test_small_models_axes():
+    ax = plots.small_models(results.load("bitmod", "accel_small_models")).axes[0]
+    assert ax.get_ylabel() == "generation speed-up over FP16 (x)"

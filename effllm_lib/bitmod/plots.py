@@ -54,3 +54,74 @@ def real_weights(real: pd.DataFrame, types: pd.DataFrame, n_layers: int) -> plt.
     sns.barplot(share, x="type", y="share", hue="bits", ax=axes[1])
     figures.label(axes[1], "BitMoD type chosen", "share of groups (fraction)", "Which special value wins")
     return fig
+
+
+# ------------------------------------------------------------------------------ the accelerator model (part 3)
+def cycle_ratios(cycles: pd.DataFrame) -> plt.Figure:
+    """Modelled / published cycle counts per design and stage, for both attention accountings (1 = exact)."""
+    long = cycles.melt(id_vars=["model", "design", "stage"], value_vars=["ratio_heads_times", "ratio_per_kv_head"],
+                       var_name="attention", value_name="ratio")
+    long["attention"] = long.attention.str.replace("ratio_", "")
+    grid = sns.catplot(data=long, x="design", y="ratio", hue="attention", col="stage", kind="strip", dodge=True,
+                       height=3.6, aspect=1.4)
+    for ax in grid.axes.flat:
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.tick_params(axis="x", rotation=20)
+        figures.label(ax, "design", "modelled / published cycles (ratio)")
+    grid.figure.suptitle("Modelled vs published cycle counts, six LLMs", y=1.03)
+    return grid.figure
+
+
+def _stage_bars(table: pd.DataFrame, suffix: str, ylabel: str, title: str) -> plt.Figure:
+    plot = table.melt(id_vars=["model", "design"], value_vars=[f"prefill{suffix}", f"generation{suffix}"],
+                      var_name="stage", value_name="value")
+    plot["stage"] = plot.stage.str.replace(suffix, "")
+    grid = sns.catplot(data=plot, x="model", y="value", hue="design", col="stage", kind="bar", height=3.6,
+                       aspect=1.5, palette=[figures.color(d) for d in plot.design.unique()])
+    for ax in grid.axes.flat:
+        ax.tick_params(axis="x", rotation=30)
+        figures.label(ax, "model", ylabel)
+    grid.figure.suptitle(title, y=1.03)
+    return grid.figure
+
+
+def speedups(speedup_table: pd.DataFrame, context: int, decode_steps: int) -> plt.Figure:
+    """Prefill and generation speed-up of each design over the FP16 accelerator, per model."""
+    return _stage_bars(speedup_table, "_speedup", "speed-up over the FP16 accelerator (x)",
+                       f"Speed-up over FP16 (heads-times accounting, {context}-token prefill, + {decode_steps} decode steps)")
+
+
+def energies(energy_table: pd.DataFrame) -> plt.Figure:
+    """Prefill and generation energy of each design normalized to the FP16 accelerator, per model."""
+    return _stage_bars(energy_table, "_energy_vs_fp16", "energy / FP16 energy (ratio)",
+                       "Total energy normalized to the FP16 accelerator (heads-times accounting)")
+
+
+SENSITIVITY_LABELS = {"dram_bits_per_cycle": "DRAM bandwidth (bits per cycle)", "array_scale": "array side scale (x)",
+                      "context": "context length (tokens)", "batch": "batch size (sequences)"}
+
+
+def sensitivity(sweeps: pd.DataFrame) -> plt.Figure:
+    """BitMoD-lossy's mean speed-up over ANT and OliVe as one knob changes, one panel per knob."""
+    knobs = list(dict.fromkeys(sweeps.knob))
+    fig, axes = plt.subplots(1, len(knobs), figsize=(3.75 * len(knobs), 3.6), sharey=True, squeeze=False)
+    for ax, (knob, part) in zip(axes[0], sweeps.groupby("knob", sort=False)):
+        for over, g in part.groupby("over"):
+            for stage, style in (("prefill", "--"), ("generation", "-")):
+                ax.plot(g.value, g[stage], style, marker="o", color=figures.color(over), label=f"vs {over}, {stage}")
+        ax.set_xscale("log", base=2)
+        figures.label(ax, SENSITIVITY_LABELS.get(knob, knob), "BitMoD-lossy speed-up (x)")
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle("Sensitivity of BitMoD's advantage (per-KV-head attention, mean of six LLMs)")
+    fig.tight_layout()
+    return fig
+
+
+def small_models(small: pd.DataFrame) -> plt.Figure:
+    """Generation speed-up over FP16 of each design on small current models."""
+    fig, ax = plt.subplots()
+    rest = small[small.design != "FP16"]
+    sns.barplot(data=rest, x="model", y="generation_speedup", hue="design", ax=ax,
+                palette=[figures.color(d) for d in rest.design.unique()])
+    figures.label(ax, "model", "generation speed-up over FP16 (x)", "Small current models, per-KV-head attention")
+    return fig
