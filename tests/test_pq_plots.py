@@ -56,3 +56,32 @@ def test_bit_width_drops_cells_are_reference_minus_accuracy(df):
     b = bits[bits.network == net]
     cell = b[(b.proto_bits == 8) & (b.lut_bits == 8)].accuracy.iloc[0]
     assert f"{ref[net] - cell:.1f}" in {t.get_text() for t in ax.texts}
+
+
+def test_encoding_cells_one_star_per_prototype():
+    import torch
+    pairs, protos = torch.rand(200, 2) * 2, torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.5]])
+    ax = plots.encoding_cells(pairs, protos).axes[0]
+    stars = ax.collections[1].get_offsets()
+    np.testing.assert_allclose(stars, protos.numpy())
+    assert ax.get_xlabel() == "pixel 1 (normalized intensity, a.u.)"
+    # the cell image assigns each grid point to its nearest prototype: the corner (0, 0) is prototype 0's
+    assert ax.images[0].get_array()[0, 0] == 0
+
+
+def test_prototypes_and_lut_shapes():
+    import torch.nn as nn
+    from effllm_lib.pq import PQConfig, PQConv2d
+    layer = PQConv2d.from_dense(nn.Conv2d(1, 8, 3, padding=1), PQConfig(n_prototypes=16, subvec_len=9)).eval()
+    fig = plots.prototypes_and_lut(layer)
+    assert fig.axes[0].images[0].get_array().shape == (12, 12)  # 4 x 4 patches of 3 x 3
+    assert fig.axes[1].images[0].get_array().shape == (16, 8)
+    assert fig.axes[2].get_ylabel() == "table entry (activation units)"
+
+
+def test_pq_error_lines_per_subvector_length():
+    import pandas as pd
+    err = pd.DataFrame({"L_s": [2, 2, 9, 9], "N_p": [4, 16, 4, 16], "relative MSE": [0.1, 0.05, 0.4, 0.3]})
+    ax = plots.pq_error(err, 72).axes[0]
+    assert [l.get_label() for l in ax.get_lines()] == ["L_s = 2", "L_s = 9"]
+    assert ax.get_ylabel() == "relative output MSE (unitless)" and "72 inputs" in ax.get_title()
