@@ -1,9 +1,11 @@
 """Check a built book: every page the table of contents names exists, every figure it shows was produced,
-and no page hides an error.
+and no page hides an error or shows noise.
 
 A notebook can catch its own exception and print it; the build then passes. This check reads the HTML
 and fails on tracebacks or error outputs, on a notebook page without a figure (every chapter notebook
-plots), and on an <img> whose file is missing.
+plots), on an <img> whose file is missing, and on any stderr output a page shows (weight-loading progress
+bars, deprecation warnings, server logs: a cell that makes them is tagged ``remove-stderr``, or the
+notebook silences the warning where it is raised).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 HTML = ROOT / "_build" / "html"
+STDERR_MARKER = 'class="output stderr'
 ERROR_MARKERS = (
     "Traceback (most recent call last)",
     'class="output traceback',
@@ -56,6 +59,9 @@ def main(html: Path = HTML, toc_path: Path = ROOT / "_toc.yml") -> int:
         for marker in ERROR_MARKERS:
             if marker in text:
                 problems.append(f"{stem}: the page shows an error ({marker!r})")
+        if STDERR_MARKER in text:
+            problems.append(f"{stem}: the page shows stderr output (progress bars, warnings, logs); tag the cell "
+                            "remove-stderr or silence it at the source")
         images = re.findall(r'<img[^>]+src="([^"]+)"', text)
         for src in images:
             if src.startswith(("http:", "https:", "data:")):

@@ -61,3 +61,11 @@ def test_notebook_without_figure_fails(book, capsys):
 def test_no_index_fails(book):
     (book / "html" / "index.html").unlink()
     assert run(book) == 1
+
+
+def test_stderr_output_fails(book, capsys):
+    page = book / "html" / "notebooks" / "a" / "01_x.html"
+    page.write_text(page.read_text() + '<div class="output stderr highlight-myst-ansi notranslate">'
+                    "Loading weights: 100%</div>")
+    assert run(book) == 1
+    assert "notebooks/a/01_x: the page shows stderr output" in capsys.readouterr().out

@@ -1,0 +1,116 @@
+"""The PQA chapter's figures, one function per figure; each returns the matplotlib Figure it drew."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from .. import figures
+
+
+def accuracy_vs_shape(grid: pd.DataFrame) -> plt.Figure:
+    """Top-1 accuracy against N_p, one line per (L_s, k-means or fine-tuned), one panel per network."""
+    nets = grid.network.nunique()
+    fig, axes = plt.subplots(1, nets, figsize=(5 * nets, 4), squeeze=False)
+    for ax, (net, g) in zip(axes[0], grid.groupby("network", sort=False)):
+        for (l_s, mode), h in g.groupby(["subvec_len", "mode"]):
+            ax.plot(h.n_prototypes, h.accuracy, "o-" if mode == "both" else "x--", color=figures.color(f"L_s {l_s}"),
+                    label=f"L_s {l_s:g}, {'fine-tuned' if mode == 'both' else 'k-means'}")
+        ax.axhline(g.float_accuracy.iloc[0], color="black", ls=":", label="float")
+        ax.set_xscale("log", base=2)
+        figures.label(ax, "prototypes per subspace N_p", "top-1 accuracy (%)", net)
+        ax.legend(fontsize="x-small", loc="lower right")
+    return fig
+
+
+def layer_mse(grid: pd.DataFrame) -> plt.Figure:
+    """Mean layer-output MSE of k-means tables against N_p (log-log), by L_s and network."""
+    mse = grid[grid["mode"] == "kmeans"]
+    fig, ax = plt.subplots()
+    sns.lineplot(mse, x="n_prototypes", y="layer_mse", hue="subvec_len", style="network", marker="o",
+                 palette="viridis", ax=ax)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    figures.label(ax, "prototypes per subspace N_p", "mean layer-output MSE (activation units²)",
+                  "PQ error falls with N_p and rises with L_s")
+    return fig
+
+
+def training_modes(modes: pd.DataFrame) -> plt.Figure:
+    """Accuracy per training mode and temperature, one panel per network; dotted: the float network."""
+    modes = modes.assign(tau=modes.tau.fillna(0).map(lambda t: "-" if t == 0 else f"{t:g}"))
+    g = sns.catplot(modes, x="mode", y="accuracy", hue="tau", col="network", kind="bar", sharey=False,
+                    height=3.6, aspect=1.1, palette="crest")
+    for ax, net in zip(g.axes.flat, modes.network.unique()):
+        ax.axhline(modes[modes.network == net].float_accuracy.iloc[0], color="black", ls=":")
+        figures.label(ax, "tables trained", "top-1 accuracy (%)", net)
+    return g.figure
+
+
+def bit_width_drops(bits: pd.DataFrame, reference: pd.Series) -> plt.Figure:
+    """Accuracy drop (points) of rounded tables vs the float tables, prototype bits x LUT bits, per network."""
+    nets = list(bits.network.unique())
+    fig, axes = plt.subplots(1, len(nets), figsize=(4.6 * len(nets), 4), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        b = bits[bits.network == net]
+        drop = (reference[net] - b.pivot(index="proto_bits", columns="lut_bits", values="accuracy")).round(1)
+        sns.heatmap(drop, annot=True, fmt=".1f", cmap="rocket_r", vmin=0, vmax=10, ax=ax,
+                    cbar_kws={"label": "accuracy drop (points)"})
+        figures.label(ax, "LUT entry bits", "prototype bits", net)
+    return fig
+
+
+# ------------------------------------------------------------------------------------- how PQ layers work
+def encoding_cells(pairs, protos, extent=(-1.0, 3.0), resolution: int = 300) -> plt.Figure:
+    """2-D sub-vectors (grey), their prototypes (stars) and each prototype's nearest-neighbour cell."""
+    import torch
+
+    lo, hi = extent
+    axis = torch.linspace(lo, hi, resolution)
+    grid = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1)
+    pairs, protos = torch.as_tensor(pairs), torch.as_tensor(protos)
+    cells = torch.cdist(grid.reshape(-1, 2), protos).argmin(1).reshape(resolution, resolution).numpy()
+    pairs, protos = pairs.numpy(), protos.numpy()  # matplotlib gets numpy arrays (no torch __array__ warnings)
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    ax.imshow(cells, origin="lower", extent=(lo, hi, lo, hi), cmap="tab10", alpha=0.25, interpolation="nearest")
+    ax.scatter(pairs[:, 0], pairs[:, 1], s=3, c="grey", alpha=0.3, label="pixel pairs (sub-vectors)")
+    ax.scatter(protos[:, 0], protos[:, 1], s=120, c="black", marker="*", label=f"{len(protos)} prototypes")
+    figures.label(ax, "pixel 1 (normalized intensity, a.u.)", "pixel 2 (normalized intensity, a.u.)",
+                  "Nearest-prototype encoding, L_s = 2")
+    ax.legend(loc="upper left")
+    return fig
+
+
+def prototypes_and_lut(layer) -> plt.Figure:
+    """A one-subspace 3x3 PQ conv: its prototype patches (grid) and its lookup table (prototype x channel)."""
+    import torch
+
+    tiles = layer.prototypes.detach()[0].reshape(-1, 3, 3)
+    n = len(tiles)
+    side = int(round(n ** 0.5))
+    if side * side != n:
+        raise ValueError(f"expected a square number of prototypes to tile, got {n}")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [1, 1.4]})
+    mosaic = torch.cat([torch.cat(list(tiles[r * side:(r + 1) * side]), 1) for r in range(side)], 0)
+    axes[0].imshow(mosaic.numpy(), cmap="gray")
+    axes[0].set_xticks([])
+    axes[0].set_yticks([])
+    figures.label(axes[0], f"prototype patches ({side} x {side} grid of 3x3)", "", f"{n} prototypes of 3x3 patches")
+    im = axes[1].imshow(layer.lut.detach()[0].numpy(), aspect="auto", cmap="coolwarm")
+    figures.label(axes[1], "output channel c", "prototype p", "LUT[p, c] = prototype · filter")
+    fig.colorbar(im, ax=axes[1], label="table entry (activation units)")
+    return fig
+
+
+def pq_error(err: pd.DataFrame, inputs: int) -> plt.Figure:
+    """Relative output MSE of a PQ conv against N_p, one line per L_s (log-log)."""
+    fig, ax = plt.subplots()
+    for l_s, g in err.groupby("L_s"):
+        ax.plot(g["N_p"], g["relative MSE"], "o-", label=f"L_s = {l_s}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    figures.label(ax, "prototypes per subspace N_p", "relative output MSE (unitless)",
+                  f"PQ error of a 3x3 conv ({inputs} inputs) on real activations")
+    ax.legend()
+    return fig

@@ -1,0 +1,129 @@
+"""The serving chapter's figures, one function per figure; each returns the matplotlib Figure it drew.
+
+The notebooks call these with committed results (``results.load("serving", ...)``); every axis is labelled
+with its unit.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import seaborn as sns
+
+from .. import figures
+from . import profiler
+
+SIZES = ("small", "medium", "large")
+
+
+def _stage_bars(ax, bd: pd.DataFrame, model: str, title: str) -> None:
+    rows = bd[bd.model == model].set_index("size").loc[list(SIZES)]
+    left = pd.Series(0.0, index=rows.index)
+    for color, stage in zip(sns.color_palette("tab10", len(profiler.STAGES)), profiler.STAGES):
+        ax.barh(rows.index, rows[f"{stage}_ms"], left=left, color=color, label=stage)
+        left += rows[f"{stage}_ms"]
+    figures.label(ax, "median latency per stage (ms)", "image size", title)
+
+
+def stage_breakdown(machines: dict[str, pd.DataFrame], model: str = "mobilenet_v2") -> plt.Figure:
+    """Stacked stage medians per image size, one panel per machine ({label: breakdown frame})."""
+    fig, axes = plt.subplots(1, len(machines), figsize=(5.5 * len(machines) + 2.5, 3.2), sharey=True,
+                             squeeze=False)
+    for ax, (where, bd) in zip(axes[0], machines.items()):
+        _stage_bars(ax, bd, model, f"MobileNetV2, one client: {where}")
+    axes[0][0].legend(ncol=5, fontsize="small", loc="upper center",
+                      bbox_to_anchor=(0.5 * len(machines), -0.3))
+    return fig
+
+
+def preprocess_share_heatmap(bd: pd.DataFrame, ax=None, where: str = "") -> plt.Figure:
+    """Share of latency in decode + resize + normalize + copy (%), model x image size."""
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.4))
+    share = bd.pivot(index="model", columns="size", values="preprocess_share")[list(SIZES)]
+    sns.heatmap(share, annot=True, fmt=".0f", cmap="rocket_r", vmin=0, vmax=100, ax=ax,
+                cbar_kws={"label": "preprocessing share (%)"})
+    figures.label(ax, "image size", "model (task)",
+                  (f"{where}: " if where else "") + "decode + resize + normalize + copy, % of latency")
+    return ax.figure
+
+
+def throughput_and_latency(sat: pd.DataFrame, curve: pd.DataFrame) -> plt.Figure:
+    """Closed-loop throughput with and without preprocessing, and median latency under open-loop load."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    sns.barplot(sat, x="size", y="throughput_rps", hue="mode", ax=axes[0], errorbar=None)
+    figures.label(axes[0], "image size", "throughput (requests/s)", "8 closed-loop clients")
+    sns.lineplot(curve, x="offered_rps", y="p50_ms", hue="mode", style="size", marker="o", ax=axes[1])
+    axes[1].set_yscale("log")
+    axes[1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    figures.label(axes[1], "offered load (requests/s, Poisson)", "median latency (ms)", "open loop")
+    fig.tight_layout()
+    return fig
+
+
+def gpu_share_and_throughput(bd: pd.DataFrame, sat: pd.DataFrame, where: str = "H100") -> plt.Figure:
+    """The GPU machine's preprocessing shares (heatmap) and its throughput with and without preprocessing."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    preprocess_share_heatmap(bd, axes[0], where)
+    sns.barplot(sat, x="size", y="throughput_rps", hue="mode", ax=axes[1], errorbar=None)
+    axes[1].set_yscale("log")
+    figures.label(axes[1], "image size", "throughput (requests/s, log)", f"{where}, 8 closed-loop clients")
+    fig.tight_layout()
+    return fig
+
+
+def pipeline_parts(summary: pd.DataFrame, crops: pd.DataFrame) -> plt.Figure:
+    """Median crop latency split into detector / broker / queue / classifier, and broker time per crop."""
+    parts = ["detector_ms", "broker_ms", "queue_ms", "classifier_ms"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    summary.set_index("broker")[parts].plot.barh(stacked=True, ax=axes[0],
+                                                 color=sns.color_palette("colorblind", len(parts)))
+    figures.label(axes[0], "median per crop (ms)", "broker", "crop latency by part")
+    axes[0].legend([p.removesuffix("_ms") for p in parts], fontsize="small", ncol=4, loc="upper center",
+                   bbox_to_anchor=(0.5, -0.25))
+    with warnings.catch_warnings():  # seaborn 0.13 passes matplotlib 3.11 a deprecated argument
+        warnings.simplefilter("ignore", DeprecationWarning)
+        sns.boxplot(crops, x="broker", y="broker_ms", ax=axes[1], showfliers=False)
+    axes[1].set_yscale("log")
+    figures.label(axes[1], "broker", "broker time per crop (ms, log)", "serialization + transfer")
+    fig.tight_layout()
+    return fig
+
+
+def designs(opt: pd.DataFrame, runs: pd.DataFrame, where: str) -> plt.Figure:
+    """Throughput of each server design (bars: medians, dots: passes, labels: speed-up) and its CPU cost."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.45 * len(opt) + 1.2), gridspec_kw={"width_ratios": [3, 2]})
+    sns.barplot(opt, y="design", x="throughput_rps", ax=axes[0], color=figures.color("throughput"))
+    sns.stripplot(runs, y="design", x="throughput_rps", ax=axes[0], color="black", size=4)
+    right = runs.groupby("design")["throughput_rps"].max()
+    for i, row in enumerate(opt.itertuples()):
+        axes[0].text(right[row.design], i, f"  {row.speedup:.2f}x", va="center", fontsize="small")
+    figures.label(axes[0], "throughput (requests/s); dots: passes", "design",
+                  f"{where}: 8 closed-loop clients, medium photos")
+    sns.barplot(opt, y="design", x="requests_per_cpu_s", ax=axes[1], color=figures.color("cpu"))
+    axes[1].set_yticklabels([])
+    figures.label(axes[1], "requests per server CPU-second", "", "CPU cost")
+    fig.tight_layout()
+    return fig
+
+
+ROUTING_LATENCIES = {"small_p50_ms": "1 MP, median", "small_p99_ms": "1 MP, p99", "large_p50_ms": "15 MP, median",
+                     "large_p99_ms": "15 MP, p99"}
+
+
+def routing(rt: pd.DataFrame, rt_runs: pd.DataFrame) -> plt.Figure:
+    """Throughput of each routing design (dots: passes) and its latency per size class."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3))
+    sns.barplot(rt, y="design", x="throughput_rps", ax=axes[0], color=figures.color("throughput"))
+    sns.stripplot(rt_runs, y="design", x="throughput_rps", ax=axes[0], color="black", size=4)
+    figures.label(axes[0], "throughput (requests/s); dots: passes", "design", "mixed 1 MP / 15 MP photos")
+    lat = rt.rename(columns=ROUTING_LATENCIES).melt(id_vars="design", value_vars=list(ROUTING_LATENCIES.values()),
+                                                    var_name="latency", value_name="ms")
+    sns.barplot(lat, y="design", x="ms", hue="latency", ax=axes[1], palette="crest")
+    axes[1].set_yticklabels([])
+    figures.label(axes[1], "latency (ms)", "", "per size class")
+    axes[1].legend(fontsize="x-small", bbox_to_anchor=(1.01, 1), loc="upper left")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,87 @@
+"""PQA figures: labelled axes with units, and the series they promise, on the committed sweeps."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from effllm_lib.pq import plots, sweeps  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def df():
+    return sweeps.load_committed()
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def test_accuracy_vs_shape_lines_are_the_grid(df):
+    grid = df[df.experiment == "grid"]
+    fig = plots.accuracy_vs_shape(grid)
+    assert len(fig.axes) == grid.network.nunique()
+    ax = fig.axes[0]
+    net = ax.get_title()
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("prototypes per subspace N_p", "top-1 accuracy (%)")
+    g = grid[(grid.network == net) & (grid["mode"] == "both")]
+    l_s = g.subvec_len.min()
+    line = next(l for l in ax.get_lines() if l.get_label() == f"L_s {l_s:g}, fine-tuned")
+    np.testing.assert_allclose(line.get_ydata(), g[g.subvec_len == l_s].sort_values("n_prototypes").accuracy)
+
+
+def test_layer_mse_log_axes(df):
+    ax = plots.layer_mse(df[df.experiment == "grid"]).axes[0]
+    assert ax.get_ylabel() == "mean layer-output MSE (activation units²)"
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "log"
+
+
+def test_training_modes_one_panel_per_network(df):
+    modes = df[df.experiment == "modes"]
+    fig = plots.training_modes(modes)
+    assert [ax.get_title() for ax in fig.axes if ax.get_title()] == list(modes.network.unique())
+    assert fig.axes[0].get_ylabel() == "top-1 accuracy (%)"
+
+
+def test_bit_width_drops_cells_are_reference_minus_accuracy(df):
+    bits = df[df.experiment == "bits"]
+    ref = df[(df.experiment == "lowbit") & df.proto_bits.isna()].set_index("network").accuracy
+    fig = plots.bit_width_drops(bits, ref)
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("LUT entry bits", "prototype bits")
+    net = ax.get_title()
+    b = bits[bits.network == net]
+    cell = b[(b.proto_bits == 8) & (b.lut_bits == 8)].accuracy.iloc[0]
+    assert f"{ref[net] - cell:.1f}" in {t.get_text() for t in ax.texts}
+
+
+def test_encoding_cells_one_star_per_prototype():
+    import torch
+    pairs, protos = torch.rand(200, 2) * 2, torch.tensor([[0.0, 0.0], [1.0, 1.0], [2.0, 0.5]])
+    ax = plots.encoding_cells(pairs, protos).axes[0]
+    stars = ax.collections[1].get_offsets()
+    np.testing.assert_allclose(stars, protos.numpy())
+    assert ax.get_xlabel() == "pixel 1 (normalized intensity, a.u.)"
+    # the cell image assigns each grid point to its nearest prototype: the corner (0, 0) is prototype 0's
+    assert ax.images[0].get_array()[0, 0] == 0
+
+
+def test_prototypes_and_lut_shapes():
+    import torch.nn as nn
+    from effllm_lib.pq import PQConfig, PQConv2d
+    layer = PQConv2d.from_dense(nn.Conv2d(1, 8, 3, padding=1), PQConfig(n_prototypes=16, subvec_len=9)).eval()
+    fig = plots.prototypes_and_lut(layer)
+    assert fig.axes[0].images[0].get_array().shape == (12, 12)  # 4 x 4 patches of 3 x 3
+    assert fig.axes[1].images[0].get_array().shape == (16, 8)
+    assert fig.axes[2].get_ylabel() == "table entry (activation units)"
+
+
+def test_pq_error_lines_per_subvector_length():
+    import pandas as pd
+    err = pd.DataFrame({"L_s": [2, 2, 9, 9], "N_p": [4, 16, 4, 16], "relative MSE": [0.1, 0.05, 0.4, 0.3]})
+    ax = plots.pq_error(err, 72).axes[0]
+    assert [l.get_label() for l in ax.get_lines()] == ["L_s = 2", "L_s = 9"]
+    assert ax.get_ylabel() == "relative output MSE (unitless)" and "72 inputs" in ax.get_title()
