@@ -219,14 +219,13 @@ class PQLutKernel:
         """Codes [B, S4, Rp] (uint8) of feature-major input [B, D, R]."""
         b, _, r = x_fm.shape
         codes = torch.zeros(b, self.s4, ROW_PAD * math.ceil(r / ROW_PAD), dtype=torch.uint8)
-        enc_kernel = "portable" if self.kernel == "portable" else "avx2"
         if self.tree is None:
             args = (self.protos, self.proto_sq, self._empty.int(), self._empty)
         else:
             args = (self._empty, self._empty, self.tree.dims.int().contiguous(),
                     self.tree.thresholds.float().contiguous())
         _raise(load_extension().encode(x_fm, codes, self.n_sub, self.sub_len,
-                                       "exact" if self.tree is None else "tree", *args, enc_kernel))
+                                       "exact" if self.tree is None else "tree", *args, self.kernel))
         return codes
 
     def _feature_major(self, x: torch.Tensor) -> torch.Tensor:

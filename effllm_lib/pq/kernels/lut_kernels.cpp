@@ -127,21 +127,31 @@ __attribute__((target("avx2,fma"))) void store_codes8(uint8_t* dst, __m256i idx)
   for (int i = 0; i < 8; ++i) dst[i] = static_cast<uint8_t>(tmp[i]);
 }
 
-__attribute__((target("avx2,fma"))) void encode_exact_avx2(const EncodeArgs& a, int64_t b, int64_t r0,
-                                                             int64_t r1) {
+// L > 0: the sub-vector length, known at compile time so its 8-row slices stay in registers (the dispatcher
+// uses it only when every subspace is full, D % L_s == 0); L = 0: any length.
+template <int L>
+__attribute__((target("avx2,fma"))) void encode_exact_avx2_t(const EncodeArgs& a, int64_t b, int64_t r0,
+                                                               int64_t r1) {
   const float* xb = a.x + b * a.D * a.R;
   const int64_t full = r0 + (r1 - r0) / 8 * 8;
   for (int64_t s = 0; s < a.n_sub; ++s) {
     const int64_t d0 = s * a.sub_len, len = std::min(a.sub_len, a.D - d0);
     uint8_t* out = a.codes + (b * a.S4 + s) * a.Rp;
     for (int64_t r = r0; r < full; r += 8) {
+      __m256 xv[L > 0 ? L : 1];
+      if (L > 0)
+        for (int l = 0; l < L; ++l) xv[l] = _mm256_loadu_ps(xb + (d0 + l) * a.R + r);
       __m256 best = _mm256_set1_ps(0.f);
       __m256i best_p = _mm256_setzero_si256();
       for (int p = 0; p < 16; ++p) {
         const float* P = a.protos + (s * 16 + p) * a.sub_len;
         __m256 dot = _mm256_setzero_ps();
-        for (int64_t l = 0; l < len; ++l)
-          dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + (d0 + l) * a.R + r), _mm256_set1_ps(P[l]), dot);
+        if (L > 0) {
+          for (int l = 0; l < L; ++l) dot = _mm256_fmadd_ps(xv[l], _mm256_set1_ps(P[l]), dot);
+        } else {
+          for (int64_t l = 0; l < len; ++l)
+            dot = _mm256_fmadd_ps(_mm256_loadu_ps(xb + (d0 + l) * a.R + r), _mm256_set1_ps(P[l]), dot);
+        }
         const __m256 dist = _mm256_fnmadd_ps(_mm256_set1_ps(2.f), dot, _mm256_set1_ps(a.proto_sq[s * 16 + p]));
         if (p == 0) {
           best = dist;
@@ -155,6 +165,84 @@ __attribute__((target("avx2,fma"))) void encode_exact_avx2(const EncodeArgs& a, 
     }
   }
   if (full < r1) encode_exact_portable(a, b, full, r1);
+}
+
+void encode_exact_avx2(const EncodeArgs& a, int64_t b, int64_t r0, int64_t r1) {
+  const bool even = a.D % a.sub_len == 0;
+  if (even && a.sub_len == 4) return encode_exact_avx2_t<4>(a, b, r0, r1);
+  if (even && a.sub_len == 8) return encode_exact_avx2_t<8>(a, b, r0, r1);
+  encode_exact_avx2_t<0>(a, b, r0, r1);
+}
+
+// The same with 16 rows per register and mask registers for the running argmin.
+template <int L>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void encode_exact_avx512_t(const EncodeArgs& a,
+                                                                                         int64_t b, int64_t r0,
+                                                                                         int64_t r1) {
+  const float* xb = a.x + b * a.D * a.R;
+  const int64_t full = r0 + (r1 - r0) / 16 * 16;
+  for (int64_t s = 0; s < a.n_sub; ++s) {
+    const int64_t d0 = s * a.sub_len, len = std::min(a.sub_len, a.D - d0);
+    uint8_t* out = a.codes + (b * a.S4 + s) * a.Rp;
+    for (int64_t r = r0; r < full; r += 16) {
+      __m512 xv[L > 0 ? L : 1];
+      if (L > 0)
+        for (int l = 0; l < L; ++l) xv[l] = _mm512_loadu_ps(xb + (d0 + l) * a.R + r);
+      __m512 best = _mm512_set1_ps(0.f);
+      __m512i best_p = _mm512_setzero_si512();
+      for (int p = 0; p < 16; ++p) {
+        const float* P = a.protos + (s * 16 + p) * a.sub_len;
+        __m512 dot = _mm512_setzero_ps();
+        if (L > 0) {
+          for (int l = 0; l < L; ++l) dot = _mm512_fmadd_ps(xv[l], _mm512_set1_ps(P[l]), dot);
+        } else {
+          for (int64_t l = 0; l < len; ++l)
+            dot = _mm512_fmadd_ps(_mm512_loadu_ps(xb + (d0 + l) * a.R + r), _mm512_set1_ps(P[l]), dot);
+        }
+        const __m512 dist = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), dot, _mm512_set1_ps(a.proto_sq[s * 16 + p]));
+        if (p == 0) {
+          best = dist;
+          continue;
+        }
+        const __mmask16 lt = _mm512_cmp_ps_mask(dist, best, _CMP_LT_OQ);
+        best = _mm512_mask_mov_ps(best, lt, dist);
+        best_p = _mm512_mask_mov_epi32(best_p, lt, _mm512_set1_epi32(p));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r), _mm512_cvtepi32_epi8(best_p));
+    }
+  }
+  if (full < r1) encode_exact_portable(a, b, full, r1);
+}
+
+void encode_exact_avx512(const EncodeArgs& a, int64_t b, int64_t r0, int64_t r1) {
+  const bool even = a.D % a.sub_len == 0;
+  if (even && a.sub_len == 4) return encode_exact_avx512_t<4>(a, b, r0, r1);
+  if (even && a.sub_len == 8) return encode_exact_avx512_t<8>(a, b, r0, r1);
+  encode_exact_avx512_t<0>(a, b, r0, r1);
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma"))) void encode_tree_avx512(const EncodeArgs& a,
+                                                                                      int64_t b, int64_t r0,
+                                                                                      int64_t r1) {
+  const float* xb = a.x + b * a.D * a.R;
+  const int64_t full = r0 + (r1 - r0) / 16 * 16;
+  for (int64_t s = 0; s < a.n_sub; ++s) {
+    uint8_t* out = a.codes + (b * a.S4 + s) * a.Rp;
+    __m512 thr[4];
+    for (int l = 0; l < 4; ++l) thr[l] = _mm512_castps256_ps512(_mm256_loadu_ps(a.thr + (s * 4 + l) * 8));
+    for (int64_t r = r0; r < full; r += 16) {
+      __m512i node = _mm512_setzero_si512();
+      for (int l = 0; l < 4; ++l) {
+        const __m512 v = _mm512_loadu_ps(xb + a.dims[s * 4 + l] * a.R + r);
+        const __m512 t = _mm512_permutexvar_ps(node, thr[l]);  // node < 8: the loaded half
+        const __mmask16 gt = _mm512_cmp_ps_mask(v, t, _CMP_GT_OQ);
+        node = _mm512_mask_add_epi32(_mm512_add_epi32(node, node), gt, _mm512_add_epi32(node, node),
+                                     _mm512_set1_epi32(1));
+      }
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + r), _mm512_cvtepi32_epi8(node));
+    }
+  }
+  if (full < r1) encode_tree_portable(a, b, full, r1);
 }
 
 __attribute__((target("avx2,fma"))) void encode_tree_avx2(const EncodeArgs& a, int64_t b, int64_t r0, int64_t r1) {
@@ -369,13 +457,21 @@ std::string encode(const torch::Tensor& x, torch::Tensor codes, int64_t n_sub, i
   } else {
     return "encoder must be 'exact' or 'tree'";
   }
-  const bool tree = encoder == "tree", simd = kernel != "portable";
+  const bool tree = encoder == "tree";
+  const int level = kernel == "avx512_vbmi" ? 2 : kernel == "avx2" ? 1 : 0;
   const int64_t B = x.size(0), chunk = 256, per_b = (a.R + chunk - 1) / chunk;
   at::parallel_for(0, B * per_b, 1, [&](int64_t u0, int64_t u1) {
     for (int64_t u = u0; u < u1; ++u) {
       const int64_t b = u / per_b, r0 = (u % per_b) * chunk, r1 = std::min(a.R, r0 + chunk);
-      if (tree) simd ? encode_tree_avx2(a, b, r0, r1) : encode_tree_portable(a, b, r0, r1);
-      else simd ? encode_exact_avx2(a, b, r0, r1) : encode_exact_portable(a, b, r0, r1);
+      if (tree) {
+        if (level == 2) encode_tree_avx512(a, b, r0, r1);
+        else if (level == 1) encode_tree_avx2(a, b, r0, r1);
+        else encode_tree_portable(a, b, r0, r1);
+      } else {
+        if (level == 2) encode_exact_avx512(a, b, r0, r1);
+        else if (level == 1) encode_exact_avx2(a, b, r0, r1);
+        else encode_exact_portable(a, b, r0, r1);
+      }
     }
   });
   return {};
