@@ -35,8 +35,9 @@ def _kernel_codes(kern, x_fm, n_sub, rows_per_image):
 
 
 # (Cin, Cout, L_s, N_p, B, H, W): odd D (not a multiple of L_s), N_s not a multiple of 4, odd rows and outputs,
-# N_p < 16, N_s > 256 (the AVX2 kernel's int16 chunking), the L_s = 4 and 8 fast paths
-SHAPES = [(37, 29, 4, 16, 2, 5, 7), (64, 130, 4, 12, 1, 9, 9), (300, 5, 1, 16, 1, 3, 3), (48, 67, 8, 16, 3, 4, 11),
+# N_p < 16, N_s > 256 (the AVX2 kernel's int16 chunking), the L_s = 4 and 8 fast paths, maps of >= 64 pixels
+# (one row block per image) and smaller ones (the batch pooled into one block)
+SHAPES = [(37, 29, 4, 16, 2, 9, 8), (64, 130, 4, 12, 1, 9, 9), (300, 5, 1, 16, 1, 3, 3), (48, 67, 8, 16, 3, 4, 11),
           (10, 3, 3, 7, 1, 1, 1)]
 
 

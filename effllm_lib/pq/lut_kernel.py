@@ -39,6 +39,7 @@ SOURCES = ("lut_kernels.cpp",)
 KERNELS = ("portable", "avx2", "avx512_vbmi")  # slowest first
 ROW_PAD = 64
 N_CODES = 16  # 4-bit codes
+SMALL_MAP = 64  # conv maps with fewer pixels are run as one block of B*H*W rows
 
 _lock = threading.Lock()
 _module = None
@@ -228,22 +229,26 @@ class PQLutKernel:
                                        "exact" if self.tree is None else "tree", *args, self.kernel))
         return codes
 
-    def _feature_major(self, x: torch.Tensor) -> torch.Tensor:
+    def _feature_major(self, x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+        """Input as [B, D, R] and whether each image is its own block of rows (else all rows are one block)."""
         layer = self.layer
         if x.dtype != torch.float32:
             raise TypeError(f"PQLutKernel takes float32 input, got {x.dtype}")
         if isinstance(layer, PQConv2d):
             if x.dim() != 4 or x.shape[1] != layer.in_channels:
                 raise ValueError(f"expected input [B, {layer.in_channels}, H, W], got {tuple(x.shape)}")
-            return x.contiguous().view(x.shape[0], x.shape[1], -1)
+            if x.shape[2] * x.shape[3] >= SMALL_MAP:
+                return x.contiguous().view(x.shape[0], x.shape[1], -1), True
+            # small maps: rows are padded to 64 per block, so pool the batch into one block
+            return x.transpose(0, 1).reshape(1, x.shape[1], -1).contiguous(), False
         if x.shape[-1] != layer.in_features:
             raise ValueError(f"expected input [..., {layer.in_features}], got {tuple(x.shape)}")
-        return x.reshape(-1, layer.in_features).t().contiguous().unsqueeze(0)
+        return x.reshape(-1, layer.in_features).t().contiguous().unsqueeze(0), False
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's output; ``out`` (a contiguous float32 tensor of the output's shape) is written if given."""
-        x_fm = self._feature_major(x)
+        x_fm, per_image = self._feature_major(x)
         codes = self.codes(x_fm)
         c = self.layer.out_features
         conv = isinstance(self.layer, PQConv2d)
@@ -251,15 +256,18 @@ class PQLutKernel:
         if out is not None and (out.shape != shape or out.dtype != torch.float32 or not out.is_contiguous()):
             raise ValueError(f"out must be a contiguous float32 tensor of shape {shape}, got "
                              f"{tuple(out.shape)} {out.dtype}")
-        if conv:
+        if per_image:  # NCHW: the kernel writes the output in place
             target = out if out is not None else torch.empty(shape)
             _raise(load_extension().lookup(codes, self.tables, self.scale, self.bias,
                                            target.view(x_fm.shape[0], c, -1), self.kernel))
             return target
         out_t = torch.empty(1, c, x_fm.shape[2])
         _raise(load_extension().lookup(codes, self.tables, self.scale, self.bias, out_t, self.kernel))
-        result = out_t[0].t().reshape(shape)
+        if conv:  # [C, B*H*W] -> [B, C, H, W]
+            result = out_t.view(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
+        else:
+            result = out_t[0].t().reshape(shape)
         if out is not None:
             out.copy_(result)
             return out
-        return result
+        return result.contiguous()

@@ -280,11 +280,10 @@ inline void store_rows(const LookupArgs& a, int64_t b, int64_t c, int64_t r, con
   std::memcpy(a.out + (b * a.C + c) * a.R + r, v, sizeof(float) * std::min<int64_t>(n, a.R - r));
 }
 
-void lookup_portable(const LookupArgs& a, int64_t b, int64_t r0, int64_t r1) {
-  const int64_t G = a.S4 / 4;
+void lookup_portable(const LookupArgs& a, int64_t b, int64_t r0, int64_t r1, int64_t c_lo, int64_t c_hi) {
   const uint8_t* cb = a.codes + b * a.S4 * a.Rp;
   float row[kRowPad];
-  for (int64_t c = 0; c < a.C; ++c) {
+  for (int64_t c = c_lo; c < c_hi; ++c) {
     for (int64_t r = r0; r < r1; r += kRowPad) {
       const int64_t n = std::min<int64_t>(kRowPad, r1 - r);
       for (int64_t i = 0; i < n; ++i) {
@@ -296,18 +295,18 @@ void lookup_portable(const LookupArgs& a, int64_t b, int64_t r0, int64_t r1) {
       store_rows(a, b, c, r, row, n);
     }
   }
-  (void)G;
 }
 
 // 32 rows x 4 outputs per block; int16 sums over chunks of 256 subspaces, then int32.
-__attribute__((target("avx2,fma"))) void lookup_avx2(const LookupArgs& a, int64_t b, int64_t r0, int64_t r1) {
+__attribute__((target("avx2,fma"))) void lookup_avx2(const LookupArgs& a, int64_t b, int64_t r0, int64_t r1,
+                                                     int64_t c_lo, int64_t c_hi) {
   constexpr int CB = 4;
   const uint8_t* cb = a.codes + b * a.S4 * a.Rp;
   alignas(32) int32_t acc32[CB][32];
   alignas(32) float row[32];
   for (int64_t r = r0; r < r1; r += 32) {
-    for (int64_t c0 = 0; c0 < a.C; c0 += CB) {
-      const int nc = static_cast<int>(std::min<int64_t>(CB, a.C - c0));
+    for (int64_t c0 = c_lo; c0 < c_hi; c0 += CB) {
+      const int nc = static_cast<int>(std::min<int64_t>(CB, c_hi - c0));
       std::memset(acc32, 0, sizeof(acc32));
       for (int64_t s0 = 0; s0 < a.S4; s0 += kI16Chunk) {
         const int64_t s1 = std::min<int64_t>(a.S4, s0 + kI16Chunk);
@@ -362,7 +361,7 @@ __attribute__((target("avx2,fma"))) void interleave16(const uint8_t* c0, const u
 
 // 64 rows (4 blocks of 16) x 4 outputs per block; every table register feeds 4 row blocks.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma"))) void lookup_avx512_vbmi(
-    const LookupArgs& a, int64_t b, int64_t r0, int64_t r1, uint8_t* scratch) {
+    const LookupArgs& a, int64_t b, int64_t r0, int64_t r1, int64_t c_lo, int64_t c_hi, uint8_t* scratch) {
   constexpr int CB = 4, RB = 4;
   const int64_t G = a.S4 / 4;
   const uint8_t* cb = a.codes + b * a.S4 * a.Rp;
@@ -375,8 +374,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma"
         const uint8_t* base = cb + 4 * g * a.Rp + r + 16 * rb;
         interleave16(base, base + a.Rp, base + 2 * a.Rp, base + 3 * a.Rp, scratch + (g * RB + rb) * 64);
       }
-    for (int64_t c0 = 0; c0 < a.C; c0 += CB) {
-      const int nc = static_cast<int>(std::min<int64_t>(CB, a.C - c0));
+    for (int64_t c0 = c_lo; c0 < c_hi; c0 += CB) {
+      const int nc = static_cast<int>(std::min<int64_t>(CB, c_hi - c0));
       __m512i acc[RB][CB];
       for (int rb = 0; rb < RB; ++rb)
         for (int k = 0; k < CB; ++k) acc[rb][k] = _mm512_setzero_si512();
@@ -496,17 +495,23 @@ std::string lookup(const torch::Tensor& codes, const torch::Tensor& tables, cons
   a.scale = scale.data_ptr<float>();
   a.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   a.out = out.data_ptr<float>();
+  // tasks: (image, 128-row chunk, output chunk); outputs are split only as far as needed for ~4 tasks a thread
   const int64_t B = codes.size(0), chunk = 128, per_b = (a.R + chunk - 1) / chunk;
+  const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
+  int64_t c_chunk = a.C;
+  while (B * per_b * ((a.C + c_chunk - 1) / c_chunk) < want && c_chunk > 32) c_chunk = (c_chunk / 2 + 3) / 4 * 4;
+  const int64_t per_c = (a.C + c_chunk - 1) / c_chunk;
   const int64_t G = a.S4 / 4;
-  at::parallel_for(0, B * per_b, 1, [&](int64_t u0, int64_t u1) {
+  at::parallel_for(0, B * per_b * per_c, 1, [&](int64_t u0, int64_t u1) {
     std::vector<uint8_t> buf(kernel == "avx512_vbmi" ? G * 4 * 64 + 64 : 0);
     uint8_t* scratch = buf.empty() ? nullptr
                                    : reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
     for (int64_t u = u0; u < u1; ++u) {
-      const int64_t b = u / per_b, r0 = (u % per_b) * chunk, r1 = std::min(a.R, r0 + chunk);
-      if (kernel == "avx512_vbmi") lookup_avx512_vbmi(a, b, r0, r1, scratch);
-      else if (kernel == "avx2") lookup_avx2(a, b, r0, r1);
-      else lookup_portable(a, b, r0, r1);
+      const int64_t cc = u % per_c, rest = u / per_c, b = rest / per_b, r0 = (rest % per_b) * chunk;
+      const int64_t r1 = std::min(a.R, r0 + chunk), c_lo = cc * c_chunk, c_hi = std::min(a.C, c_lo + c_chunk);
+      if (kernel == "avx512_vbmi") lookup_avx512_vbmi(a, b, r0, r1, c_lo, c_hi, scratch);
+      else if (kernel == "avx2") lookup_avx2(a, b, r0, r1, c_lo, c_hi);
+      else lookup_portable(a, b, r0, r1, c_lo, c_hi);
     }
   });
   return {};
