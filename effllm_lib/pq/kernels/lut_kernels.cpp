@@ -29,6 +29,7 @@
 namespace {
 
 constexpr int kRowPad = 64;
+constexpr int64_t kChunkRows = 256;  // rows per lookup task (a multiple of 64)
 constexpr int kI16Chunk = 256;  // int16 sums of up to 256 entries of |v| <= 127 cannot overflow (256*127 < 32767)
 
 // ------------------------------------------------------------------------------------------------ CPU probe
@@ -304,8 +305,8 @@ __attribute__((target("avx2,fma"))) void lookup_avx2(const LookupArgs& a, int64_
   const uint8_t* cb = a.codes + b * a.S4 * a.Rp;
   alignas(32) int32_t acc32[CB][32];
   alignas(32) float row[32];
-  for (int64_t r = r0; r < r1; r += 32) {
-    for (int64_t c0 = c_lo; c0 < c_hi; c0 += CB) {
+  for (int64_t c0 = c_lo; c0 < c_hi; c0 += CB) {  // outputs outer: their tables stay in L1 across the rows
+    for (int64_t r = r0; r < r1; r += 32) {
       const int nc = static_cast<int>(std::min<int64_t>(CB, c_hi - c0));
       std::memset(acc32, 0, sizeof(acc32));
       for (int64_t s0 = 0; s0 < a.S4; s0 += kI16Chunk) {
@@ -367,21 +368,24 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512vnni,avx2,fma"
   const uint8_t* cb = a.codes + b * a.S4 * a.Rp;
   const __m512i ones = _mm512_set1_epi8(1);
   alignas(64) float row[64];
-  for (int64_t r = r0; r < r1; r += 64) {
-    // interleave this 64-row chunk's codes once; every output reuses them: scratch [G][RB][64]
+  // interleave the chunk's codes once, every output reuses them: scratch [row block of 64][G][RB][64]
+  for (int64_t r = r0; r < r1; r += 64)
     for (int64_t g = 0; g < G; ++g)
       for (int rb = 0; rb < RB; ++rb) {
         const uint8_t* base = cb + 4 * g * a.Rp + r + 16 * rb;
-        interleave16(base, base + a.Rp, base + 2 * a.Rp, base + 3 * a.Rp, scratch + (g * RB + rb) * 64);
+        interleave16(base, base + a.Rp, base + 2 * a.Rp, base + 3 * a.Rp,
+                     scratch + (((r - r0) / 64 * G + g) * RB + rb) * 64);
       }
-    for (int64_t c0 = c_lo; c0 < c_hi; c0 += CB) {
-      const int nc = static_cast<int>(std::min<int64_t>(CB, c_hi - c0));
+  for (int64_t c0 = c_lo; c0 < c_hi; c0 += CB) {  // outputs outer: their tables stay in L1 across the rows
+    const int nc = static_cast<int>(std::min<int64_t>(CB, c_hi - c0));
+    for (int64_t r = r0; r < r1; r += 64) {
+      const uint8_t* blk = scratch + (r - r0) / 64 * G * RB * 64;
       __m512i acc[RB][CB];
       for (int rb = 0; rb < RB; ++rb)
         for (int k = 0; k < CB; ++k) acc[rb][k] = _mm512_setzero_si512();
       for (int64_t g = 0; g < G; ++g) {
         __m512i codes[RB];
-        for (int rb = 0; rb < RB; ++rb) codes[rb] = _mm512_load_si512(scratch + (g * RB + rb) * 64);
+        for (int rb = 0; rb < RB; ++rb) codes[rb] = _mm512_load_si512(blk + (g * RB + rb) * 64);
         const int8_t* tg = a.tables + (g * a.C + c0) * 64;
         for (int k = 0; k < CB; ++k) {
           if (k >= nc) break;
@@ -495,15 +499,15 @@ std::string lookup(const torch::Tensor& codes, const torch::Tensor& tables, cons
   a.scale = scale.data_ptr<float>();
   a.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   a.out = out.data_ptr<float>();
-  // tasks: (image, 128-row chunk, output chunk); outputs are split only as far as needed for ~4 tasks a thread
-  const int64_t B = codes.size(0), chunk = 128, per_b = (a.R + chunk - 1) / chunk;
+  // tasks: (image, 256-row chunk, output chunk); outputs are split only as far as needed for ~4 tasks a thread
+  const int64_t B = codes.size(0), chunk = kChunkRows, per_b = (a.R + chunk - 1) / chunk;
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
   int64_t c_chunk = a.C;
   while (B * per_b * ((a.C + c_chunk - 1) / c_chunk) < want && c_chunk > 32) c_chunk = (c_chunk / 2 + 3) / 4 * 4;
   const int64_t per_c = (a.C + c_chunk - 1) / c_chunk;
   const int64_t G = a.S4 / 4;
   at::parallel_for(0, B * per_b * per_c, 1, [&](int64_t u0, int64_t u1) {
-    std::vector<uint8_t> buf(kernel == "avx512_vbmi" ? G * 4 * 64 + 64 : 0);
+    std::vector<uint8_t> buf(kernel == "avx512_vbmi" ? kChunkRows / 16 * G * 64 + 64 : 0);
     uint8_t* scratch = buf.empty() ? nullptr
                                    : reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) & ~uintptr_t(63));
     for (int64_t u = u0; u < u1; ++u) {
