@@ -96,7 +96,11 @@ def main(argv=None):
     print(f"kernel {kernel} (available {L.available_kernels()}), {torch.get_num_threads()} threads, "
           f"copy bandwidth {bw / 1e9:.1f} GB/s")
     rows_out = []
-    for name, cin, cout, hw, conv in shapes(args.scale):
+    params = {"batch": batch, "tokens": tokens, "repeats": repeats, "threads": torch.get_num_threads(),
+              "kernel": kernel, "available_kernels": L.available_kernels(), "n_prototypes": 16,
+              "sub_lens": list(sub_lens), "copy_bandwidth_gbs": bw / 1e9, "tag": args.tag}
+    name = "lut_benchmark" + (f"_{args.tag}" if args.tag else "")
+    for shape, cin, cout, hw, conv in shapes(args.scale):
         x = (torch.randn(batch, cin, *hw) if conv else torch.randn(tokens, cin)).abs()
         m = batch * hw[0] * hw[1] if conv else tokens
         for l_s in sub_lens:
@@ -121,7 +125,7 @@ def main(argv=None):
                 got = out[:1] if conv else out[:256]
                 lut_bytes = 4 * (x.numel() + out.numel()) + kern.tables.numel() + kern.s4 * m
                 rows_out.append({
-                    "shape": name, "kind": "conv1x1" if conv else "linear", "in_features": cin,
+                    "shape": shape, "kind": "conv1x1" if conv else "linear", "in_features": cin,
                     "out_features": cout, "rows": m, "subvec_len": l_s, "encoder": encoder, "kernel": kernel,
                     "dense_ms": 1e3 * t_dense[0], "dense_p25_ms": 1e3 * t_dense[1], "dense_p75_ms": 1e3 * t_dense[2],
                     "lut_ms": 1e3 * t_lut[0], "lut_p25_ms": 1e3 * t_lut[1], "lut_p75_ms": 1e3 * t_lut[2],
@@ -133,13 +137,11 @@ def main(argv=None):
                     "rel_err_vs_dense": float((out - ref_dense).norm() / ref_dense.norm()),
                 })
                 r = rows_out[-1]
-                print(f"{name:22s} L_s {l_s} {encoder:5s} dense {r['dense_ms']:8.3f} ms  lut {r['lut_ms']:8.3f} ms "
+                print(f"{shape:22s} L_s {l_s} {encoder:5s} dense {r['dense_ms']:8.3f} ms  lut {r['lut_ms']:8.3f} ms "
                       f"({r['speedup']:.2f}x)  err vs PQ {r['rel_err_vs_float_pq']:.4f}", flush=True)
+        # after every shape, so a run stopped by a time limit keeps what it measured
+        results.save(pd.DataFrame(rows_out), "pqa", name, params={**params, "partial": True}, scale=args.scale)
     df = pd.DataFrame(rows_out)
-    params = {"batch": batch, "tokens": tokens, "repeats": repeats, "threads": torch.get_num_threads(),
-              "kernel": kernel, "available_kernels": L.available_kernels(), "n_prototypes": 16,
-              "sub_lens": list(sub_lens), "copy_bandwidth_gbs": bw / 1e9, "tag": args.tag}
-    name = "lut_benchmark" + (f"_{args.tag}" if args.tag else "")
     results.save(df, "pqa", name, params=params, scale=args.scale)
     pointwise = df[(df.kind == "conv1x1") & (df.encoder == "exact") & (df.subvec_len == 4)]
     geo = float(torch.tensor(pointwise.speedup.tolist()).log().mean().exp())

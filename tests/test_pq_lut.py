@@ -110,6 +110,17 @@ def test_linear_any_leading_shape(kernel):
     assert codes_agree.float().mean() > 0.95 and (err <= bound).all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_long_sums_do_not_overflow(kernel):
+    # 300 subspaces whose entries are all the largest int8 step: 300 * 127 overflows int16 sums
+    layer = PQLinear.from_dense(nn.Linear(300, 5), PQConfig(16, 1))
+    layer.set_prototypes(torch.randn_like(layer.prototypes))
+    with torch.no_grad():
+        layer.lut.fill_(0.5)
+    out = L.PQLutKernel(layer.eval(), kernel=kernel)(torch.randn(70, 300))
+    torch.testing.assert_close(out, (300 * 0.5 + layer.bias.detach()).expand(70, 5), rtol=1e-5, atol=1e-4)
+
+
 def test_kernels_agree_on_the_same_codes():
     if len(KERNELS) < 2:
         pytest.skip("only the portable kernel runs here")
