@@ -261,12 +261,14 @@ class PQLutKernel:
             _raise(load_extension().lookup(codes, self.tables, self.scale, self.bias,
                                            target.view(x_fm.shape[0], c, -1), self.kernel))
             return target
+        if not conv:  # rows x outputs: the kernel writes [M, C] directly (as [1, C, M] with row stride C)
+            target = out if out is not None else torch.empty(shape)
+            _raise(load_extension().lookup(codes, self.tables, self.scale, self.bias,
+                                           target.view(-1, c).t().unsqueeze(0), self.kernel))
+            return target
         out_t = torch.empty(1, c, x_fm.shape[2])
         _raise(load_extension().lookup(codes, self.tables, self.scale, self.bias, out_t, self.kernel))
-        if conv:  # [C, B*H*W] -> [B, C, H, W]
-            result = out_t.view(c, x.shape[0], *x.shape[2:]).transpose(0, 1)
-        else:
-            result = out_t[0].t().reshape(shape)
+        result = out_t.view(c, x.shape[0], *x.shape[2:]).transpose(0, 1)  # [C, B*H*W] -> [B, C, H, W]
         if out is not None:
             out.copy_(result)
             return out

@@ -273,12 +273,19 @@ struct LookupArgs {
   const int8_t* tables;  // [S4/4, C, 64]
   const float* scale;    // [C]
   const float* bias;     // [C] or null
-  float* out;            // [B, C, R]
+  float* out;            // [B, C, R], any strides (a linear layer's [M, C] output is [1, C, M] with stride_r = C)
+  int64_t stride_b, stride_c, stride_r;
   int64_t R, Rp, S4, C;
 };
 
 inline void store_rows(const LookupArgs& a, int64_t b, int64_t c, int64_t r, const float* v, int64_t n) {
-  std::memcpy(a.out + (b * a.C + c) * a.R + r, v, sizeof(float) * std::min<int64_t>(n, a.R - r));
+  n = std::min<int64_t>(n, a.R - r);
+  float* dst = a.out + b * a.stride_b + c * a.stride_c + r * a.stride_r;
+  if (a.stride_r == 1) {
+    std::memcpy(dst, v, sizeof(float) * n);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i * a.stride_r] = v[i];
+  }
 }
 
 void lookup_portable(const LookupArgs& a, int64_t b, int64_t r0, int64_t r1, int64_t c_lo, int64_t c_hi) {
@@ -414,6 +421,15 @@ std::string check_kernel(const std::string& k) {
   return {};
 }
 
+std::string check_strided(const torch::Tensor& t, const char* name, c10::ScalarType dtype, int64_t dim) {
+  if (!t.defined() || !t.device().is_cpu()) return std::string(name) + " must be a CPU tensor";
+  if (t.scalar_type() != dtype) return std::string(name) + " has the wrong dtype";
+  if (t.dim() != dim) return std::string(name) + " has the wrong number of dimensions";
+  for (int64_t d = 0; d < dim; ++d)
+    if (t.stride(d) < 1) return std::string(name) + " must have positive strides";
+  return {};
+}
+
 std::string check(const torch::Tensor& t, const char* name, c10::ScalarType dtype, int64_t dim) {
   if (!t.defined() || !t.device().is_cpu() || !t.is_contiguous()) return std::string(name) + " must be a contiguous CPU tensor";
   if (t.scalar_type() != dtype) return std::string(name) + " has the wrong dtype";
@@ -486,7 +502,7 @@ std::string lookup(const torch::Tensor& codes, const torch::Tensor& tables, cons
   if (err.empty()) err = check(codes, "codes", torch::kUInt8, 3);
   if (err.empty()) err = check(tables, "tables", torch::kChar, 3);
   if (err.empty()) err = check(scale, "scale", torch::kFloat, 1);
-  if (err.empty()) err = check(out, "out", torch::kFloat, 3);
+  if (err.empty()) err = check_strided(out, "out", torch::kFloat, 3);
   if (err.empty() && bias.has_value()) err = check(*bias, "bias", torch::kFloat, 1);
   if (!err.empty()) return err;
   LookupArgs a{};
@@ -499,6 +515,7 @@ std::string lookup(const torch::Tensor& codes, const torch::Tensor& tables, cons
   a.scale = scale.data_ptr<float>();
   a.bias = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   a.out = out.data_ptr<float>();
+  a.stride_b = out.stride(0), a.stride_c = out.stride(1), a.stride_r = out.stride(2);
   // tasks: (image, 256-row chunk, output chunk); outputs are split only as far as needed for ~4 tasks a thread
   const int64_t B = codes.size(0), chunk = kChunkRows, per_b = (a.R + chunk - 1) / chunk;
   const int64_t want = 4 * static_cast<int64_t>(at::get_num_threads());
