@@ -1,5 +1,6 @@
 """PQ layers against independent references: the dense layer (exact prototypes), brute-force loops, k-means
 on known clusters."""
+import copy
 import math
 
 import pytest
@@ -134,7 +135,7 @@ def test_convert_calibrate_finetune_modes():
     net = _tiny_net()
     x, y = torch.randn(64, 1, 6, 6), torch.randint(0, 3, (64,))
     ref = net(x).detach()
-    pq_convert_(net, PQConfig(n_prototypes=8, subvec_len=9), skip=("0",))
+    pq_convert_(net, PQConfig(n_prototypes=8, subvec_len=9), skip_roles=("first_conv",))
     names = [n for n, _ in pq_layers(net)]
     assert names == ["2", "5"]  # the first conv was skipped; conv 2 and the linear converted
     torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)  # uncalibrated = exact
@@ -172,3 +173,82 @@ def test_bad_inputs_raise_clear_errors():
         pq_convert_(nn.Sequential(nn.ReLU()), PQConfig())
     with pytest.raises(ValueError, match="mode"):
         finetune_(nn.Sequential(pq), (torch.zeros(1, 4, 3, 3), torch.zeros(1).long()), mode="weights")
+
+
+# ------------------------------------------------------------------ conversion of a user's CNN (padding, roles)
+class _UserCNN(nn.Module):
+    """Names unlike this project's (no stem/fc): features.* convs with padding='same', a head.* classifier."""
+
+    def __init__(self, padding_mode="zeros"):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding="same", padding_mode=padding_mode), nn.ReLU(),
+            nn.Conv2d(8, 8, 4, padding="same", padding_mode=padding_mode), nn.ReLU(),  # even kernel: asymmetric
+            nn.Conv2d(8, 6, (3, 2), padding="same", dilation=(2, 1)), nn.ReLU(),
+            nn.Conv2d(6, 6, 3, stride=2, padding="valid"), nn.ReLU())
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(6 * 3 * 3, 16), nn.ReLU(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_user_cnn_with_same_padding_converts_and_stays_exact(padding_mode):
+    torch.manual_seed(0)
+    net = _UserCNN(padding_mode)
+    x = torch.randn(3, 3, 7, 7)
+    ref = net(x).detach()
+    pq_convert_(net, PQConfig(n_prototypes=4, subvec_len=5))
+    # by role: the first conv (features.0) and the classifier (head.3, the last Linear) stay dense
+    assert [n for n, _ in pq_layers(net)] == ["features.2", "features.4", "features.6", "head.1"]
+    assert type(net.features[0]) is nn.Conv2d and type(net.head[3]) is nn.Linear
+    torch.testing.assert_close(net(x), ref, rtol=1e-5, atol=1e-5)  # uncalibrated PQ layers compute the dense conv
+
+
+def test_same_padding_rows_match_dense_conv_with_exact_prototypes():
+    """A calibrated layer whose prototypes are exactly the input's sub-vectors reproduces F.conv2d('same')."""
+    torch.manual_seed(1)
+    conv = nn.Conv2d(1, 5, (2, 3), padding="same", bias=True)
+    x = torch.randint(0, 2, (2, 1, 5, 4)).float()  # binary patches: every 3-long sub-vector is one of 8
+    pq = PQConv2d.from_dense(conv, PQConfig(n_prototypes=8, subvec_len=3))
+    corners = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)]).float()
+    pq.set_prototypes(corners.expand(pq.n_subspaces, 8, 3).clone())
+    assert pq.pads == (1, 1, 0, 1)  # PyTorch puts the odd extra row at the bottom
+    torch.testing.assert_close(pq.eval()(x), conv(x), rtol=1e-5, atol=1e-5)
+
+
+def test_roles_and_skip_names_are_checked():
+    net = _UserCNN()
+    cfg = PQConfig(n_prototypes=4, subvec_len=5)
+    with pytest.raises(ValueError, match="no module of"):
+        pq_convert_(net, cfg, skip=("stem",))  # this model has no 'stem': a typo must not convert it silently
+    with pytest.raises(ValueError, match="unknown skip_roles"):
+        pq_convert_(net, cfg, skip_roles=("stem",))
+    with pytest.raises(TypeError, match="sequences of names"):
+        pq_convert_(net, cfg, skip="features.0")
+    pq_convert_(net, cfg, skip=("features",), skip_roles=())  # a name skips everything under it
+    assert [n for n, _ in pq_layers(net)] == ["head.1", "head.3"]
+
+
+def test_grouped_conv_error_names_the_layer():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3, groups=8), nn.Conv2d(8, 8, 1),
+                        nn.Flatten(), nn.Linear(8, 2))
+    cfg = PQConfig(n_prototypes=4, subvec_len=4)
+    with pytest.raises(ValueError, match=r"layer '1' is a grouped conv \(groups=8\)"):
+        pq_convert_(copy.deepcopy(net), cfg)
+    pq_convert_(net, cfg, on_unsupported="skip")
+    assert [n for n, _ in pq_layers(net)] == ["2"]
+    with pytest.raises(ValueError, match="stride 1"):
+        PQConv2d(3, 4, 3, cfg, stride=2, padding="same")
+
+
+def test_same_padding_layer_reloads_from_state_dict():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(4, 6, 4, padding="same")
+    a = PQConv2d.from_dense(conv, PQConfig(n_prototypes=4, subvec_len=8))
+    a.set_prototypes(torch.randn_like(a.prototypes))
+    b = PQConv2d(4, 6, 4, PQConfig(n_prototypes=4, subvec_len=8), padding="same")
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 4, 6, 5)
+    torch.testing.assert_close(b.eval()(x), a.eval()(x))
+    assert b(x).shape == (2, 6, 6, 5)

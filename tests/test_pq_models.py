@@ -47,3 +47,27 @@ def test_claims_from_a_hand_made_table():
     assert out["error_falls_with_np"] == pytest.approx(-1 / 5**0.5, rel=1e-3)
     assert out["error_rises_with_ls"] == pytest.approx(2 / 5**0.5, rel=1e-3)
     assert "lowbit_drop_resnet20" not in out.index  # networks not run give no row
+
+
+def test_claims_choose_on_validation_and_average_seeds():
+    rows = []
+    # per seed: two float-table candidates; the one with the better validation accuracy has the worse held-out one
+    for seed, (good_val_test, other_test) in enumerate([(80.0, 88.0), (82.0, 89.0), (84.0, 87.0)]):
+        rows += [{"network": "kws", "seed": seed, "experiment": "modes", "proto_bits": None, "accuracy": good_val_test,
+                  "val_accuracy": 85.0, "float_accuracy": 90.0, "layer_mse": None, "mode": "both"},
+                 {"network": "kws", "seed": seed, "experiment": "modes", "proto_bits": None, "accuracy": other_test,
+                  "val_accuracy": 70.0, "float_accuracy": 90.0, "layer_mse": None, "mode": "lut"}]
+    out = sweeps.claims(pd.DataFrame(rows)).set_index("claim_id")
+    # losses chosen on validation: 10, 8, 6 -> mean 8; sd 2, t(0.975, 2 dof) = 4.303 -> 4.303 * 2 / sqrt(3)
+    assert out.loc["accuracy_loss", "ours"] == pytest.approx(8.0)
+    assert out.loc["accuracy_loss", "ci95_halfwidth"] == pytest.approx(4.303 * 2 / 3**0.5, rel=1e-3)
+    assert out.loc["accuracy_loss", "n_seeds"] == 3
+
+
+def test_validation_split_is_disjoint_and_fixed():
+    x = torch.arange(100).float().view(100, 1, 1, 1)
+    y = torch.arange(100)
+    (tx, ty), (vx, vy) = sweeps.split_validation((x, y), 0.1)
+    assert len(vx) == 10 and len(tx) == 90
+    assert set(ty.tolist()).isdisjoint(vy.tolist()) and set(ty.tolist()) | set(vy.tolist()) == set(range(100))
+    assert torch.equal(sweeps.split_validation((x, y), 0.1)[1][1], vy)  # the same split every call

@@ -193,7 +193,7 @@ def _tiny_cifar_file(tmp_path):
 def test_fast_inference_copy_matches_layer_path(tmp_path, one_thread):
     model = load_keras_cifar_cnn(_tiny_cifar_file(tmp_path))
     x = to_input(np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8))
-    pq_convert_(model, PQConfig(8, 9), skip=pretrained.PQ_SKIP)
+    pq_convert_(model, PQConfig(8, 9), skip=pretrained.dense_layers(model))
     calibrate_(model, x)
     with torch.no_grad():
         ref, got = model.eval()(x), fast.fast_inference_copy(model)(x)

@@ -193,8 +193,11 @@ def test_run_network_ci_has_e2e_rows(tmp_path, monkeypatch, one_thread):
     assert (e2e.n_prototypes == 16).all() and (e2e.subvec_len == 4).all()
     assert e2e.proto_bits.isna().sum() == 2 and tuple(e2e.iloc[-1][["proto_bits", "lut_bits"]]) == (2, 6)
     assert e2e.accuracy.between(0, 100).all() and calls == [1, 4]
+    assert df.val_accuracy.between(0, 100).all() and (df.seed == 0).all()
     with pytest.raises(ValueError, match="include 'modes'"):
         sweeps.run_network("kws", "ci", experiments=("bits",))
+    with pytest.raises(ValueError, match="val_fraction"):
+        sweeps.Scale(n_train=10, n_test=10, float_epochs=1, finetune_epochs=1, val_fraction=1.5)
     with pytest.raises(ValueError, match="unknown experiments"):
         sweeps.run_network("kws", "ci", experiments=("e3e",))
 

@@ -17,6 +17,19 @@ Svec 3) takes ``ceil(K/Kvec) * P * ceil(Q/Qvec) * (FW/Svec) * FH * ceil(C/Cvec)`
 
 Performance per area of PQA over the DLA = (DLA cycles * DLA area) / (PQA cycles * PQA area), same clock.
 
+Two area variants sit beside the public model (``area_model``):
+
+* ``"public"``: the authors' model, one DSP per distance multiplier, NUM_OUT_VEC x NUM_SUBSPACE_VEC x
+  PROTO_LENGTH_VEC of them.
+* ``"kernel"``: DSPs counted as the authors' OpenCL kernel (``hardware/device/pq_basic.cl``) unrolls its distance
+  loop: N_S_VEC x N_P_VEC x L_S_VEC multipliers (NUM_SUBSPACE_VEC x NUM_PROTO_VEC x PROTO_LENGTH_VEC here). The
+  lookup side of that kernel reads NUM_OUT_VEC x NUM_SUBSPACE_VEC LUT banks per cycle, as the public model's
+  M20K count says, but it has no multiplier per output channel.
+* ``"kernel_logic"``: the kernel's count, except that at prototype widths of 2-6 bits (the paper's "no DSPs"
+  range) every distance unit is built from logic; its cost is ``distance_unit_clbs`` (our estimate, below).
+
+Cycles are the public model's in all three; only the area changes.
+
 Quirks of the public model kept on purpose (so our numbers match theirs), each flagged where it happens:
 the DLA's ``FW/Svec`` is a real division (a 1x1 layer gets a third of a cycle per output row), its output
 size is ``H/stride`` without padding arithmetic, the PQA's DSP count scales with NUM_OUT_VEC (not with the
@@ -39,13 +52,23 @@ MEMORY_EFFICIENCY = 0.8
 M20K_CLBS, DSP_CLBS = 4, 3
 NETWORKS = ("resnet20", "kws", "emnist")
 
-# The (L_s, N_p, prototype bits, LUT bits) settings the authors' comparison table evaluates per network;
-# 16/16 bits is the plain int16 datapath. The first entry of each is the paper's main accuracy setting.
+# The public model's default table widths (simulate_layer: PROTO_TABLE_ENTRY = 8, PQ_TABLE_ENTRY = 16), which its
+# comparison table uses wherever a setting names no widths.
+PUBLIC_PROTO_BITS, PUBLIC_LUT_BITS = 8, 16
+_D = (PUBLIC_PROTO_BITS, PUBLIC_LUT_BITS)
+# The (L_s, N_p, prototype bits, LUT bits) settings the authors' comparison table evaluates per network
+# (analytical_model/print_comparison_table.ipynb). The first entry of each is the paper's main accuracy setting.
 PAPER_CONFIGS = {
-    "resnet20": [(9, 16, 16, 16), (3, 64, 16, 16), (9, 64, 16, 16), (9, 8, 16, 16), (9, 8, 6, 5), (9, 16, 6, 5)],
-    "kws": [(4, 16, 16, 16), (8, 8, 16, 16), (8, 8, 2, 6), (4, 16, 2, 6)],
-    "emnist": [(4, 12, 16, 16), (8, 8, 16, 16), (8, 8, 5, 5), (4, 12, 5, 5)],
+    "resnet20": [(9, 16, *_D), (3, 64, *_D), (9, 64, *_D), (9, 8, *_D), (9, 8, 6, 5), (9, 16, 6, 5)],
+    "kws": [(4, 16, *_D), (8, 8, *_D), (8, 8, 2, 6), (4, 16, 2, 6)],
+    "emnist": [(4, 12, *_D), (8, 8, *_D), (8, 8, 5, 5), (4, 12, 5, 5)],
 }
+AREA_MODELS = ("public", "kernel", "kernel_logic")
+LOGIC_MAX_BITS = 6  # the paper's "2-6-bit PQ needs no DSPs"
+# Our logic-cost assumptions for a distance unit (Intel ALMs; a CLB-equivalent is a 10-ALM LAB, the unit the
+# public model's M20K = 4 / DSP = 3 ratios are given in): an adder/subtractor takes one ALM per 2 bits (carry
+# chain), a function of up to 6 inputs one ALM (6-LUT), of 7-8 inputs four (a 4:1 mux of 6-LUTs).
+ALMS_PER_CLB = 10
 # The hardware grid of the authors' comparison table (PROTO_LENGTH_VEC and NUM_PROTO_VEC follow the layer).
 NUM_OUT_VEC_GRID = (32, 64)
 NUM_SUBSPACE_VEC_GRID = (16, 32, 64)
@@ -78,8 +101,8 @@ class PQConfigHW:
     """A PQA instance: the layer's PQ setting (L_s, N_p, table widths) and the hardware vector sizes."""
     subvec_len: int = 9            # L_s
     n_prototypes: int = 16         # N_p
-    proto_bits: int = 16           # prototype table entry width
-    lut_bits: int = 16             # LUT (PQ table) entry width
+    proto_bits: int = PUBLIC_PROTO_BITS  # prototype table entry width
+    lut_bits: int = PUBLIC_LUT_BITS      # LUT (PQ table) entry width
     num_out_vec: int = 32          # NUM_OUT_VEC: output channels looked up per cycle
     num_subspace_vec: int = 16     # NUM_SUBSPACE_VEC: subspaces processed in parallel
     proto_length_vec: int | None = None  # PROTO_LENGTH_VEC; None = min(16, L_s)
@@ -135,20 +158,52 @@ def pqa_layer(layer: Layer, hw: PQConfigHW) -> dict:
             "table_bits": table_bits, "bound": "memory" if load > compute else "compute"}
 
 
-def pqa_area(hw: PQConfigHW, *, l2_on_dsps: bool = True, multipliers_per_dsp: float = 1.0) -> dict:
+def distance_unit_clbs(bits: int, length: int) -> float:
+    """Logic area (CLB-equivalents) of one squared-L2 distance unit over ``length`` ``bits``-bit elements.
+
+    Per element: a (bits+1)-bit subtractor, then a squarer of the (bits+1)-bit difference as a truth table
+    (|d| needs ``bits`` bits; each of its 2*bits output bits is one function of those inputs); then an adder tree
+    over the ``length`` squares, each adder as wide as its sum. Our estimate from the rules above, not synthesis.
+    """
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"a logic distance unit is modelled for 1..8-bit elements, got {bits!r}")
+    if length < 1:
+        raise ValueError(f"length must be >= 1, got {length}")
+    sub = math.ceil((bits + 1) / 2)
+    alms_per_output = 1 if bits <= 6 else 4
+    square = 2 * bits * alms_per_output
+    tree, width, n = 0, 2 * bits, length
+    while n > 1:  # pairwise adder tree, one bit wider per level
+        width += 1
+        tree += (n // 2) * math.ceil(width / 2)
+        n = n - n // 2
+    return (length * (sub + square) + tree) / ALMS_PER_CLB
+
+
+def pqa_area(hw: PQConfigHW, *, l2_on_dsps: bool = True, multipliers_per_dsp: float = 1.0,
+             area_model: str = "public") -> dict:
     """Area of a PQA instance in CLB-equivalents (M20K = 4, DSP = 3, plus the fitted CLB count).
 
-    ``multipliers_per_dsp`` > 1 packs several narrow distance multipliers into one DSP (our what-if, not in
-    the public model); ``l2_on_dsps=False`` builds them from logic (no DSPs, and no extra CLBs modelled).
+    ``area_model``: "public", "kernel" or "kernel_logic" (module docstring). ``multipliers_per_dsp`` > 1 packs
+    several narrow distance multipliers into one DSP (our what-if, not in the public model);
+    ``l2_on_dsps=False`` drops the DSPs and models no logic in their place (the optimistic bound).
     """
     if multipliers_per_dsp <= 0:
         raise ValueError(f"multipliers_per_dsp must be > 0, got {multipliers_per_dsp}")
-    multipliers = hw.num_out_vec * hw.num_subspace_vec * hw.plv  # public model's DSP count
-    dsps = math.ceil(multipliers / multipliers_per_dsp) if l2_on_dsps else 0
+    if area_model not in AREA_MODELS:
+        raise ValueError(f"area_model must be one of {AREA_MODELS}, got {area_model!r}")
+    if area_model == "public":
+        multipliers = hw.num_out_vec * hw.num_subspace_vec * hw.plv  # public model's DSP count
+    else:  # the OpenCL kernel's unrolled distance loop: N_S_VEC x N_P_VEC x L_S_VEC
+        multipliers = hw.num_subspace_vec * hw.npv * hw.plv
+    logic_units = area_model == "kernel_logic" and hw.proto_bits <= LOGIC_MAX_BITS
+    dsps = math.ceil(multipliers / multipliers_per_dsp) if l2_on_dsps and not logic_units else 0
+    logic_clbs = hw.num_subspace_vec * hw.npv * distance_unit_clbs(hw.proto_bits, hw.plv) if logic_units else 0.0
     m20ks = math.ceil(hw.num_subspace_vec * hw.num_out_vec / 2) * 2  # dual-port banks, 2 ports (overlap)
     clbs = (54.0152229 * hw.num_out_vec + 197.18071766 * hw.num_subspace_vec + 59.99415826 * hw.plv
-            + 54.0152229 * hw.npv - 1248.8141835982537)
-    return {"dsps": dsps, "m20ks": m20ks, "clbs": clbs, "area": dsps * DSP_CLBS + m20ks * M20K_CLBS + clbs}
+            + 54.0152229 * hw.npv - 1248.8141835982537) + logic_clbs
+    return {"dsps": dsps, "m20ks": m20ks, "clbs": clbs, "logic_distance_clbs": logic_clbs,
+            "area": dsps * DSP_CLBS + m20ks * M20K_CLBS + clbs}
 
 
 # --------------------------------------------------------------------------------------------------- DLA
@@ -182,7 +237,7 @@ def load_layers(network: str) -> list[Layer]:
 
 
 def compare_network(layers: list[Layer], hw: PQConfigHW, dla: DLAConfig | None = None,
-                    *, l2_on_dsps: bool = True, multipliers_per_dsp: float = 1.0) -> dict:
+                    *, l2_on_dsps: bool = True, multipliers_per_dsp: float = 1.0, area_model: str = "public") -> dict:
     """Total cycles on PQA and DLA and PQA's performance per area relative to the DLA."""
     if not layers:
         raise ValueError("compare_network needs at least one layer")
@@ -190,7 +245,8 @@ def compare_network(layers: list[Layer], hw: PQConfigHW, dla: DLAConfig | None =
     pq = [pqa_layer(layer, hw) for layer in layers]
     base = [dla_layer(layer, dla) for layer in layers]
     pq_cycles, dla_cycles = sum(r["cycles"] for r in pq), sum(r["cycles"] for r in base)
-    pq_area = pqa_area(hw, l2_on_dsps=l2_on_dsps, multipliers_per_dsp=multipliers_per_dsp)["area"]
+    pq_area = pqa_area(hw, l2_on_dsps=l2_on_dsps, multipliers_per_dsp=multipliers_per_dsp,
+                       area_model=area_model)["area"]
     base_area = dla_area(dla)["area"]
     return {"pqa_cycles": pq_cycles, "dla_cycles": dla_cycles, "speedup": dla_cycles / pq_cycles,
             "pqa_area": pq_area, "dla_area": base_area,
@@ -200,7 +256,7 @@ def compare_network(layers: list[Layer], hw: PQConfigHW, dla: DLAConfig | None =
 
 def sweep(networks=NETWORKS, configs: dict | None = None, memories=("DDR", "HBM"),
           num_out_vecs=NUM_OUT_VEC_GRID, num_subspace_vecs=NUM_SUBSPACE_VEC_GRID,
-          *, l2_on_dsps: bool = True, multipliers_per_dsp: float = 1.0) -> pd.DataFrame:
+          *, l2_on_dsps: bool = True, multipliers_per_dsp: float = 1.0, area_model: str = "public") -> pd.DataFrame:
     """The authors' comparison grid: every network x PQ setting x hardware size x memory, one row each."""
     configs = configs or PAPER_CONFIGS
     rows = []
@@ -210,11 +266,17 @@ def sweep(networks=NETWORKS, configs: dict | None = None, memories=("DDR", "HBM"
                                                                  num_subspace_vecs):
             hw = PQConfigHW(subvec_len=ls, n_prototypes=n_p, proto_bits=pbits, lut_bits=lbits,
                             num_out_vec=nov, num_subspace_vec=nsv, memory=memory)
-            res = compare_network(layers, hw, l2_on_dsps=l2_on_dsps, multipliers_per_dsp=multipliers_per_dsp)
-            rows.append({"network": net, **{k: v for k, v in asdict(hw).items()
+            res = compare_network(layers, hw, l2_on_dsps=l2_on_dsps, multipliers_per_dsp=multipliers_per_dsp,
+                                  area_model=area_model)
+            rows.append({"network": net, "area_model": area_model, **{k: v for k, v in asdict(hw).items()
                                             if k not in ("proto_length_vec", "num_proto_vec")},
                          "proto_length_vec": hw.plv, "num_proto_vec": hw.npv, **res})
     return pd.DataFrame(rows)
+
+
+def sweep_area_models(area_models=AREA_MODELS, **kw) -> pd.DataFrame:
+    """``sweep`` once per area model, stacked (column ``area_model``)."""
+    return pd.concat([sweep(area_model=m, **kw) for m in area_models], ignore_index=True)
 
 
 def best_per_network(df: pd.DataFrame) -> pd.DataFrame:

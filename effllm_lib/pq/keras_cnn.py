@@ -21,8 +21,8 @@ tied zeros picks the first class, as NumPy's does). Weight layouts: conv kernels
 this file's 1x1x64 map, but not in general).
 
 The torch modules keep the Keras layer names (``conv2d``, ``batch_normalization_3``, ``dense_1``, ...), so
-``pq_convert_(model, cfg, skip=("conv2d", "dense", "dense_1", "dense_2"))`` leaves the stem and the
-classifier dense.
+``pq_convert_(model, cfg, skip=pretrained.dense_layers(model))`` leaves the stem (by its role, the first
+conv) and every dense layer dense.
 """
 
 from __future__ import annotations

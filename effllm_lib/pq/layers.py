@@ -217,25 +217,47 @@ class PQLinear(_PQBase):
 
 
 class PQConv2d(_PQBase):
-    """A product-quantized ``nn.Conv2d`` (groups=1) computed on the im2col view of its input."""
+    """A product-quantized ``nn.Conv2d`` (groups=1) computed on the im2col view of its input.
+
+    ``padding`` is what ``nn.Conv2d`` takes: an int, a pair, ``"valid"`` or ``"same"`` (stride 1; like PyTorch,
+    an odd total puts the extra row/column at the bottom/right), with any ``padding_mode``.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, config: PQConfig = PQConfig(),
-                 stride=1, padding=0, dilation=1, bias: bool = True):
+                 stride=1, padding=0, dilation=1, bias: bool = True, padding_mode: str = "zeros"):
         ks = nn.modules.utils._pair(kernel_size)
         super().__init__(in_channels * ks[0] * ks[1], out_channels, config, bias)
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, ks
-        self.stride, self.padding = nn.modules.utils._pair(stride), nn.modules.utils._pair(padding)
-        self.dilation = nn.modules.utils._pair(dilation)
+        self.stride, self.dilation = nn.modules.utils._pair(stride), nn.modules.utils._pair(dilation)
+        if padding_mode not in ("zeros", "reflect", "replicate", "circular"):
+            raise ValueError(f"padding_mode must be zeros/reflect/replicate/circular, got {padding_mode!r}")
+        self.padding_mode = padding_mode
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be an int, a pair, 'same' or 'valid', got {padding!r}")
+            if padding == "same" and self.stride != (1, 1):
+                raise ValueError(f"padding='same' needs stride 1 (as in nn.Conv2d), got stride {self.stride}")
+            self.padding = padding
+        else:
+            self.padding = nn.modules.utils._pair(padding)
+        # explicit (left, right, top, bottom) pads, the order F.pad takes
+        if self.padding == "same":
+            (th, tw) = (d * (k - 1) for d, k in zip(self.dilation, ks))
+            self.pads = (tw // 2, tw - tw // 2, th // 2, th - th // 2)
+        elif self.padding == "valid":
+            self.pads = (0, 0, 0, 0)
+        else:
+            self.pads = (self.padding[1], self.padding[1], self.padding[0], self.padding[0])
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d, config: PQConfig) -> "PQConv2d":
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"expected nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1 or isinstance(conv.padding, str) or conv.padding_mode != "zeros":
-            raise ValueError("PQConv2d supports groups=1 and numeric zero padding only "
-                             f"(got groups={conv.groups}, padding={conv.padding!r}, mode={conv.padding_mode})")
+        if conv.groups != 1:
+            raise ValueError(f"PQConv2d supports groups=1 only (a PQ subspace spans all input channels of a "
+                             f"patch); got groups={conv.groups}")
         pq = cls(conv.in_channels, conv.out_channels, conv.kernel_size, config, conv.stride, conv.padding,
-                 conv.dilation, bias=conv.bias is not None)
+                 conv.dilation, bias=conv.bias is not None, padding_mode=conv.padding_mode)
         pq.to(conv.weight.device)
         with torch.no_grad():
             pq.weight_2d.copy_(conv.weight.reshape(conv.out_channels, -1))
@@ -244,16 +266,22 @@ class PQConv2d(_PQBase):
         return pq
 
     def out_size(self, h: int, w: int) -> tuple[int, int]:
-        return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
-                     zip((h, w), self.padding, self.dilation, self.kernel_size, self.stride))
+        left, right, top, bottom = self.pads
+        return tuple((n + p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in
+                     zip((h, w), (top + bottom, left + right), self.dilation, self.kernel_size, self.stride))
 
     def rows(self, x: torch.Tensor) -> torch.Tensor:
         """im2col: [B, Cin, H, W] -> [B*Hout*Wout, Cin*Kh*Kw] (channel-major rows, like the weight)."""
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected input [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
-        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0):
+        if self.kernel_size == (1, 1) and self.stride == (1, 1) and self.pads == (0, 0, 0, 0):
             return x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)  # 1x1: no unfold needed
-        cols = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
+        left, right, top, bottom = self.pads
+        if self.padding_mode == "zeros" and left == right and top == bottom:
+            cols = F.unfold(x, self.kernel_size, self.dilation, (top, left), self.stride)
+        else:  # asymmetric 'same' or a non-zero mode: pad explicitly, as nn.Conv2d does
+            mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+            cols = F.unfold(F.pad(x, self.pads, mode=mode), self.kernel_size, self.dilation, 0, self.stride)
         return cols.transpose(1, 2).reshape(-1, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,32 +297,77 @@ def pq_layers(model: nn.Module) -> list[tuple[str, _PQBase]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, _PQBase)]
 
 
-def pq_convert_(model: nn.Module, config: PQConfig, *, skip=("stem", "fc", "classifier"),
-                min_in_features: int = 1) -> nn.Module:
+ROLES = ("first_conv", "classifier")
+
+
+def role_names(model: nn.Module) -> dict[str, str | None]:
+    """The module names that play each role in ``ROLES``, by definition order (``named_modules``).
+
+    first_conv: the first ``nn.Conv2d``. classifier: the last ``nn.Linear``, or the last ``nn.Conv2d`` of a
+    network without one (a 1x1-conv head). Definition order is forward order for the usual CNN; a model that
+    defines its head before its stem should name its layers in ``skip`` instead.
+    """
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return {"first_conv": convs[0] if convs else None,
+            "classifier": linears[-1] if linears else (convs[-1] if len(convs) > 1 else None)}
+
+
+def pq_convert_(model: nn.Module, config: PQConfig, *, skip=(), skip_roles=ROLES, min_in_features: int = 1,
+                on_unsupported: str = "error") -> nn.Module:
     """Replace every Conv2d / Linear of ``model`` in place by its PQ version (uncalibrated = still exact).
 
-    ``skip``: names (or name prefixes) of modules left dense, by default the first conv and the classifier,
-    as in the paper (ResNet-20's 3-channel stem and the FC are not PQ layers). Returns the model.
+    Left dense: the layers playing ``skip_roles`` (default: the first conv and the classifier, as in the paper:
+    ResNet-20's 3-channel stem and its FC are not PQ layers; see ``role_names``), the modules named in ``skip``
+    (a name also skips everything under it), and layers with fewer than ``min_in_features`` inputs. A grouped
+    (e.g. depthwise) conv has no PQ version: ``on_unsupported="error"`` (default) raises a ValueError naming it,
+    ``"skip"`` leaves it dense. Returns the model.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"pq_convert_ needs an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str) or isinstance(skip_roles, str):
+        raise TypeError("skip and skip_roles are sequences of names, e.g. skip=('stem',), not one string")
+    if on_unsupported not in ("error", "skip"):
+        raise ValueError(f"on_unsupported must be 'error' or 'skip', got {on_unsupported!r}")
+    modules = dict(model.named_modules())
+    unknown = [s for s in skip if s not in modules or s == ""]
+    if unknown:
+        raise ValueError(f"skip names {unknown}, which the model has no module of (its layers: "
+                         f"{[n for n, m in modules.items() if isinstance(m, (nn.Conv2d, nn.Linear))]})")
+    bad_roles = [r for r in skip_roles if r not in ROLES]
+    if bad_roles:
+        raise ValueError(f"unknown skip_roles {bad_roles}; the roles are {ROLES}")
+    roles = role_names(model)
+    skipped = set(skip) | {roles[r] for r in skip_roles if roles[r] is not None}
+
+    def is_skipped(full: str) -> bool:
+        return any(full == s or full.startswith(s + ".") for s in skipped)
+
     converted = 0
     for name, module in list(model.named_modules()):
-        if any(name == s or name.startswith(s + ".") for s in skip):
+        if name and is_skipped(name):
             continue
         for child_name, child in list(module.named_children()):
             full = f"{name}.{child_name}" if name else child_name
-            if any(full == s or full.startswith(s + ".") for s in skip):
+            if is_skipped(full):
                 continue
-            if isinstance(child, nn.Conv2d) and child.groups == 1 and \
-                    child.in_channels * child.kernel_size[0] * child.kernel_size[1] >= min_in_features:
+            if isinstance(child, nn.Conv2d):
+                if child.in_channels * child.kernel_size[0] * child.kernel_size[1] < min_in_features:
+                    continue
+                if child.groups != 1:
+                    if on_unsupported == "skip":
+                        continue
+                    raise ValueError(f"pq_convert_: layer {full!r} is a grouped conv (groups={child.groups}); PQ "
+                                     "layers need groups=1 (a subspace spans all input channels of a patch). "
+                                     f"Leave it dense with skip=(..., {full!r}) or on_unsupported='skip'")
                 setattr(module, child_name, PQConv2d.from_dense(child, config))
                 converted += 1
             elif type(child) is nn.Linear and child.in_features >= min_in_features:
                 setattr(module, child_name, PQLinear.from_dense(child, config))
                 converted += 1
     if converted == 0:
-        raise ValueError("pq_convert_ found no Conv2d/Linear layer to convert (check `skip`)")
+        raise ValueError(f"pq_convert_ found no Conv2d/Linear layer to convert (left dense: {sorted(skipped)}, "
+                         f"min_in_features={min_in_features})")
     return model
 
 

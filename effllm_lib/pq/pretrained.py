@@ -78,7 +78,10 @@ SCALES = {
                           kmeans_rows=2048),
     "full": PretrainedScale(images="full", n_kmeans=512, tables_epochs=0.5, e2e_epochs=0.5),
 }
-PQ_SKIP = ("conv2d", "dense", "dense_1", "dense_2")  # stem conv + the dense layers stay dense
+def dense_layers(model: torch.nn.Module) -> tuple[str, ...]:
+    """Every Linear of the model: with the default roles (first conv, classifier) the stem conv and the whole
+    dense head stay dense, only the convs between are PQ layers."""
+    return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
 
 
 def split_indices(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -159,7 +162,7 @@ def pretrained_pq(scale: str | PretrainedScale = "ci", *, n_prototypes: int = 16
     # k-means only
     t0 = time.time()
     kmeans = copy.deepcopy(teacher)
-    pq_convert_(kmeans, cfg, skip=PQ_SKIP)
+    pq_convert_(kmeans, cfg, skip=dense_layers(kmeans))
     calibrate_(kmeans, kmeans_images, max_rows=sc.kmeans_rows, seed=seed)
     km_seconds = time.time() - t0
     add("kmeans", kmeans, km_seconds, mean_layer_mse(kmeans, mse_images))
@@ -185,7 +188,7 @@ def pretrained_pq(scale: str | PretrainedScale = "ci", *, n_prototypes: int = 16
             e2e = copy.deepcopy(teacher)
             progressive_convert_(e2e, cfg, calib, teacher=teacher, calib_images=kmeans_images,
                                  calib_rows=sc.kmeans_rows,
-                                 epochs_per_layer=sc.e2e_layer_epochs, skip=PQ_SKIP, seed=seed,
+                                 epochs_per_layer=sc.e2e_layer_epochs, skip=dense_layers(teacher), seed=seed,
                                  batch_size=sc.batch_size, augment=augment_crop_flip, **recipe)
             base_seconds = 0.0
         else:  # progressive conversion without per-layer tuning = the k-means model (same layer-wise calibration)

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import TRAIN_MODES, PQConfig, PQConv2d, PQLinear, _PQBase, pq_convert_, pq_layers, set_tau_
+from .layers import ROLES, TRAIN_MODES, PQConfig, PQConv2d, PQLinear, _PQBase, pq_convert_, pq_layers, set_tau_
 
 
 # --------------------------------------------------------------------------------------------- k-means
@@ -444,16 +444,17 @@ def finetune_e2e_(model: nn.Module, data, *, teacher: nn.Module | None = None, e
     return {"steps": step + 1, "seconds": time.time() - t0, "last_loss": float(loss.detach())}
 
 
-def eligible_layers(model: nn.Module, config: PQConfig, *, skip=("stem", "fc", "classifier"),
+def eligible_layers(model: nn.Module, config: PQConfig, *, skip=(), skip_roles=ROLES,
                     min_in_features: int = 1) -> list[str]:
     """Names of the layers ``pq_convert_(model, config, skip=skip)`` would convert, in definition order."""
-    probe = pq_convert_(copy.deepcopy(model), config, skip=skip, min_in_features=min_in_features)
+    probe = pq_convert_(copy.deepcopy(model), config, skip=skip, skip_roles=skip_roles,
+                        min_in_features=min_in_features)
     return [name for name, _ in pq_layers(probe)]
 
 
 def progressive_convert_(model: nn.Module, config: PQConfig, data, *, teacher: nn.Module | None = None,
                          calib_images: torch.Tensor | None = None, epochs_per_layer: float = 0.25,
-                         skip=("stem", "fc", "classifier"), min_in_features: int = 1, calib_rows: int = 8192,
+                         skip=(), skip_roles=ROLES, min_in_features: int = 1, calib_rows: int = 8192,
                          seed: int = 0, verbose: bool = False, **finetune_kw) -> dict:
     """Convert a plain model to PQ one layer at a time, from the input side (definition order).
 
@@ -470,7 +471,7 @@ def progressive_convert_(model: nn.Module, config: PQConfig, data, *, teacher: n
     calib = images[:2048] if calib_images is None else calib_images
     if teacher is None:
         teacher = copy.deepcopy(model).eval()
-    names = eligible_layers(model, config, skip=skip, min_in_features=min_in_features)
+    names = eligible_layers(model, config, skip=skip, skip_roles=skip_roles, min_in_features=min_in_features)
     t0, steps = time.time(), 0
     for i, name in enumerate(names):
         parent_name, _, attr = name.rpartition(".")
