@@ -41,6 +41,7 @@ book-strict: assets
 	$(VENV)/bin/jupyter-book build . -W -n --keep-going
 
 check-book:
+	$(PY) scripts/check_glue.py
 	$(PY) scripts/check_book.py
 
 test: assets
