@@ -373,7 +373,10 @@ def _claim(claim_id, per_seed: dict, reason: str) -> dict:
     spread = (f"mean of {len(per_seed)} seeds, 95% interval +-{half:.2f}" if half is not None
               else "one seed, no interval")
     return {"claim_id": claim_id, "ours": mean, "status": "measured", "reason": f"{reason}; {spread}",
-            "n_seeds": len(per_seed), "ci95_halfwidth": half}
+            "n_seeds": len(per_seed), "ci95_halfwidth": half,
+            # the scorecard's interval columns: with one seed there is none, and an accuracy claim stays
+            # inconclusive until more seeds are run
+            "ours_lo": None if half is None else mean - half, "ours_hi": None if half is None else mean + half}
 
 
 def _best_by_validation(sub: pd.DataFrame) -> pd.Series:
