@@ -641,6 +641,10 @@ def merge(log_dir: str | os.PathLike, problems: str | os.PathLike | None = None,
     recs["correct_at_run"] = recs["correct"].astype(float)
     recs["correct"] = [real[pid].score(text) for pid, text in zip(recs.problem_id, recs.text)]
     changed = int((recs.correct != recs.correct_at_run).sum())
+    from .answers import END_MARKERS
+
+    # a completion holding an end-of-turn marker kept generating after its turn ended (the stop-set bug)
+    recs["past_end_of_turn"] = [any(m in t for m in END_MARKERS) for t in recs.text]
     have = recs.groupby("problem_id").label.nunique()
     complete = set(have[have == len(labels)].index)
     order = {r["id"]: i for i, r in enumerate(rows)}
@@ -664,6 +668,8 @@ def merge(log_dir: str | os.PathLike, problems: str | os.PathLike | None = None,
               "time_budget_s": sorted({c["time_budget_s"] for c in calls})}
     extra = {"models": settings["models"], "problems_requested": len(rows), "problems_run": len(complete),
              "problems_incomplete_dropped": int((have < len(labels)).sum()), "rescored_changed": changed,
+             "past_end_of_turn": {lab: int(n) for lab, n in recs.groupby("label", sort=False).past_end_of_turn.sum()
+                                  .items()},
              "scorer": SCORER,
              "scorer_at_run": sorted({h.get("scorer_at_run", "?") for h in hws}),
              "worker_errors": errors, "run_calls": [{k: c.get(k) for k in ("wall_s", "workers", "problems_assigned",
