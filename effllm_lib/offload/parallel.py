@@ -644,6 +644,13 @@ def merge(log_dir: str | os.PathLike, problems: str | os.PathLike | None = None,
     from .answers import END_MARKERS
 
     # a completion holding an end-of-turn marker kept generating after its turn ended (the stop-set bug)
+    try:  # the published reward's verdict beside the strict one, to show what the strict check refuses
+        from .rewards import accuracy_reward
+
+        recs["correct_math_verify"] = [accuracy_reward(t, real[pid].answer, published=True) or 0.0
+                                       for pid, t in zip(recs.problem_id, recs.text)]
+    except ImportError:
+        pass
     recs["past_end_of_turn"] = [any(m in t for m in END_MARKERS) for t in recs.text]
     have = recs.groupby("problem_id").label.nunique()
     complete = set(have[have == len(labels)].index)
