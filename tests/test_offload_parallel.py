@@ -134,19 +134,20 @@ def test_resume_after_partial_logs_and_settings_guard(exported, tmp_path, capsys
 
 
 def test_runs_without_math_verify(exported, tmp_path, monkeypatch):
-    """The GPU machine has no math_verify: completions are scored with a boxed-number stand-in, merge re-scores."""
+    """The GPU machine has no math_verify: the strict scorer needs none, and scores as merge does."""
     import sys
 
     monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify now raises ImportError
-    assert pl.run_time_scorer_name().startswith("boxed-number")
+    assert pl.run_time_scorer_name().startswith("strict")
     probs = pl.provisional_problems(pl.read_problems(exported))
     gold = probs[0].answer
     assert probs[0].score(f"thus \\boxed{{{gold}}}") == 1.0 and probs[0].score("\\boxed{12345}") == 0.0
     assert probs[0].score("no box, " + gold) == 0.0
+    assert probs[0].score(f"\\boxed{{{probs[0].question.rstrip(' =')}}}") == 0.0  # the question restated
     logs = tmp_path / "logs"
     pl.run(exported, log_dir=logs, workers=2, inline=True, throughput=False, **TINY)
     hw = json.loads((logs / "w0" / "hardware.json").read_text())
-    assert hw["scorer_at_run"].startswith("boxed-number")
+    assert hw["scorer_at_run"].startswith("strict")
     assert len(read_log(logs / "w1" / pl.log_name("big only"))) == 1
 
 

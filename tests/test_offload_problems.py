@@ -25,10 +25,22 @@ def test_sources_are_seeded_and_scored():
             assert p.score(p.answer) == 0.0  # no box, no credit
 
 
-def test_mathqa_scorer_numbers():
-    score = P._mathqa_scorer("240 %")
-    assert score("\\boxed{240}") == 1.0 and score("\\boxed{240\\%}") == 1.0 and score("\\boxed{2.4}") == 0.0
-    assert P._mathqa_scorer("1 / 2")("\\boxed{0.5}") == 1.0
+def test_every_source_is_strict():
+    """Each source refuses what its old scorer credited: reasoning-gym took the first number of the box,
+    the MathQA scorer the first number of the box, math_verify evaluated the expression."""
+    gsm = P.load_problems("gsm_symbolic", 3, seed=0)
+    for p in gsm:
+        assert p.score(f"\\boxed{{{p.answer} + 0}}") == 0.0       # reasoning-gym: first number, 1.0
+        assert p.score(f"\\boxed{{{p.answer} \\text{{ dollars}}}}") == 1.0
+    qa = {p.answer: p for p in P.load_problems("elementary_math_qa", 200, seed=0)}
+    pct = next(p for a, p in qa.items() if a.endswith("%"))
+    value = pct.answer.rstrip(" %")
+    assert pct.score(f"\\boxed{{{value}\\%}}") == 1.0 and pct.score(f"\\boxed{{{value} - 1 + 1}}") == 0.0
+    ratio = next(p for a, p in qa.items() if ":" in a)
+    num, den = (int(x) for x in ratio.answer.strip("[]' ").split(":"))
+    assert ratio.score(f"\\boxed{{{num}:{den}}}") == 1.0 and ratio.score(f"\\boxed{{{num}}}") == float(den == 1)
+    arith = P.load_problems("multistep_arithmetic", 2, seed=0)[0]
+    assert arith.score(f"\\boxed{{{arith.question.rstrip(' =')}}}") == 0.0  # math_verify: 1.0
 
 
 def test_evaluate_resumes_and_appends(tmp_path):

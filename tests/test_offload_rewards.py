@@ -59,14 +59,31 @@ def test_format_reward():
     assert R.format_reward("<bigmodel>open") == 0.0
 
 
-def test_accuracy_reward():
-    assert R.accuracy_reward("so \\boxed{42}", "42") == 1.0
-    assert R.accuracy_reward("so \\boxed{41}", "42") == 0.0
-    assert R.accuracy_reward("\\boxed{0.5}", "\\frac{1}{2}") == 1.0   # equivalence, not string match
-    assert R.accuracy_reward("the answer is 42", "42") == 0.0          # no anchor, no extraction
-    assert R.accuracy_reward("first \\boxed{3} then \\boxed{42}", "42") == 0.0  # quirk 1: boxed="all"
-    assert R.accuracy_reward("\\boxed{42}", "no number here") is None  # unparseable gold is skipped
-    assert R.accuracy_reward("anything", "42", scorer=lambda c, s: 0.25) == 0.25
+def test_accuracy_reward_published():
+    def acc(c, s):
+        return R.accuracy_reward(c, s, published=True)
+
+    assert acc("so \\boxed{42}", "42") == 1.0
+    assert acc("so \\boxed{41}", "42") == 0.0
+    assert acc("\\boxed{0.5}", "\\frac{1}{2}") == 1.0   # equivalence, not string match
+    assert acc("the answer is 42", "42") == 0.0          # no anchor, no extraction
+    assert acc("first \\boxed{3} then \\boxed{42}", "42") == 0.0  # quirk 1: boxed="all"
+    assert acc("\\boxed{42}", "no number here") is None  # unparseable gold is skipped
+    assert acc("\\boxed{(40 + 2)}", "42") == 1.0         # the hole: an unevaluated expression is evaluated
+
+
+def test_accuracy_reward_strict():
+    acc = R.accuracy_reward
+    assert acc("so \\boxed{42}", "42") == 1.0 and acc("so \\boxed{41}", "42") == 0.0
+    assert acc("\\boxed{0.5}", "\\frac{1}{2}") == 1.0                 # equivalent forms still agree
+    assert acc("first \\boxed{3} then \\boxed{42}", "42") == 1.0      # the last box is the final answer
+    assert acc("the answer is 42", "42") == 1.0                       # a declared answer counts
+    assert acc("\\boxed{(40 + 2)}", "42") == 0.0                      # never computed: no reward
+    assert acc("the answer is (40 + 1) = 42", "43") == 0.0            # declared wrong value
+    assert acc("\\boxed{42}", "no number here") is None              # unparseable gold is skipped
+    assert acc("anything", "42", scorer=lambda c, s: 0.25) == 0.25
+    assert R.total_reward("\\boxed{(40 + 2)}", "42")["accuracy"] == 0.0
+    assert R.total_reward("\\boxed{(40 + 2)}", "42", published=True)["accuracy"] == 1.0
 
 
 def test_total_and_typo():

@@ -117,13 +117,81 @@ class Generation:
 
 
 # ---------------------------------------------------------------------------------------------- session
-def _stop_ids(tokenizer) -> set[int]:
-    ids = set()
-    eos = getattr(tokenizer, "eos_token_id", None)
-    if isinstance(eos, int):
-        ids.add(eos)
-    elif isinstance(eos, (list, tuple)):
-        ids.update(int(i) for i in eos)
+# end-of-turn / end-of-sequence markers of the common chat formats (ChatML, Llama 3, Gemma, Phi, DeepSeek); one
+# token of the vocabulary is enough. "</s>" and "<eos>" count only as special tokens (Gemma's vocabulary has a
+# plain "</s>", the HTML tag).
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>",
+                       "<|end▁of▁sentence|>")
+END_OF_TEXT_SPECIAL = ("</s>", "<eos>")
+
+
+def _as_ids(value) -> set[int]:
+    if value is None:
+        return set()
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, torch.Tensor):
+        return {int(v) for v in value.flatten().tolist()}
+    return {int(v) for v in value}
+
+
+def _special_ids(tokenizer) -> set[int]:
+    ids = set(_as_ids(getattr(tokenizer, "all_special_ids", None) or []))
+    added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+    ids.update(int(i) for i, t in added.items() if getattr(t, "special", False))
+    return ids
+
+
+def _single_token_id(tokenizer, marker: str) -> int | None:
+    """The id of ``marker`` when the vocabulary holds it as one token (special or not: transformers 5.17 reads
+    Gemma 3's ``<end_of_turn>`` from the GGUF as a plain token)."""
+    try:
+        ids = list(tokenizer(marker, add_special_tokens=False)["input_ids"])
+        if len(ids) != 1:
+            return None
+        back = tokenizer.convert_ids_to_tokens(ids[0]) if hasattr(tokenizer, "convert_ids_to_tokens") \
+            else tokenizer.decode(ids, skip_special_tokens=False)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot say: not a marker of this model
+        return None
+    return int(ids[0]) if back == marker else None
+
+
+def _template_end_of_turn(tokenizer) -> set[int]:
+    """The special tokens the chat template writes right after an assistant message (its end-of-turn)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return set()
+    content = "ZQXJ answer"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": "q"},
+                                              {"role": "assistant", "content": content}], tokenize=False)
+    except Exception:  # noqa: BLE001 - a template that needs other roles: fall back on the known markers
+        return set()
+    after = text.split(content, 1)[1] if content in text else ""
+    ids = list(tokenizer(after, add_special_tokens=False)["input_ids"]) if after else []
+    special = _special_ids(tokenizer)
+    out = set()
+    for i in ids:  # the special tokens before the first plain one ("<|im_end|>" then "\n")
+        if i not in special:
+            break
+        out.add(int(i))
+    return out
+
+
+def stop_token_ids(tokenizer, model=None) -> set[int]:
+    """Every id that ends the model's turn: the tokenizer's eos, the generation config's and the model config's
+    ``eos_token_id`` (an int or a list), the special tokens the chat template writes after an assistant message,
+    and the known end-of-turn markers the vocabulary holds as special tokens. Which of these a converted GGUF
+    declares depends on the transformers version (5.17 reads SmolLM2's eos as ``<|im_start|>`` and Qwen2.5's as
+    ``<|endoftext|>``, 5.24 both as ``<|im_end|>``), so all are taken."""
+    ids = _as_ids(getattr(tokenizer, "eos_token_id", None))
+    if model is not None:
+        for cfg in (getattr(model, "generation_config", None), getattr(model, "config", None)):
+            ids |= _as_ids(getattr(cfg, "eos_token_id", None))
+    ids |= _template_end_of_turn(tokenizer)
+    for marker in END_OF_TURN_MARKERS + END_OF_TEXT_SPECIAL:
+        i = _single_token_id(tokenizer, marker)
+        if i is not None and (marker in END_OF_TURN_MARKERS or i in _special_ids(tokenizer)):
+            ids.add(i)
     return ids
 
 
@@ -141,7 +209,7 @@ class Session:
         self.text = ""  # the text those ids stand for (this model's view)
         self.cache = None
         self.next_logits: torch.Tensor | None = None
-        self.stop_ids = _stop_ids(tokenizer)
+        self.stop_ids = stop_token_ids(tokenizer, model)
         self.device = next(model.parameters()).device
 
     # -- low level

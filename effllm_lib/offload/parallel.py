@@ -18,9 +18,9 @@ mode of the grid on each problem with ``baselines.run_modes``, writing its own r
 the start of ``run``); a worker still busy ``--grace-s`` after the budget is terminated (the logs are appended one
 line at a time, so at most the completion in flight is lost). A second ``run`` on the same log dir resumes; it
 refuses to mix settings (models, dtype, token budgets, controller knobs, modes). Completions are scored at run time
-with what is installed (math_verify if present, else a boxed-number comparison); ``merge`` re-scores them all.
+with the strict check of ``answers.py`` (no math_verify needed); ``merge`` re-scores them all.
 
-``merge`` (where the assets and math_verify are): re-scores every completion with the problems' real scorers, keeps
+``merge`` (where the assets are): re-scores every completion with the problems' real (strict) scorers, keeps
 the problems that have every mode, and saves with ``results.save`` (chapter ``splitreason``) the per-mode summary
 (``baselines.summarize``), the per-completion records without their text (what ``baselines.latency_table`` needs)
 and the latency table against the throughputs measured on the device. The provenance's ``hardware`` is the machine
@@ -55,6 +55,7 @@ DEFAULT_HF_CACHE = "/tmp/effllm-splitreason-hf"
 # The paper's controller and random-switch definitions (papers.md, section 1): 64-token big chunks probed with an
 # 8-token lookahead, big segments capped at 512 tokens, random switching in chunks of 32 tokens.
 PAPER_CONTROLLER = {"chunk_tokens": 64, "probe_tokens": 8, "max_big_segment": 512, "switch_chunk": 32}
+SCORER = "strict (answers.strict_score: the final answer is a number equal to the gold)"
 RUN_FILE, CALL_FILE, PROBLEMS_FILE, THROUGHPUT_FILE = "run.json", "call.json", "problems.jsonl", "throughput.json"
 
 
@@ -123,36 +124,16 @@ def read_problems(path: str | os.PathLike) -> list[dict]:
     return rows
 
 
-def _boxed_number_scorer(gold: str):
-    """Run-time stand-in where math_verify is missing: the boxed answer equals the gold as a number."""
-    from .problems import boxed_number_scorer
-
-    return boxed_number_scorer(gold, rel_tol=0.0)
-
-
 def run_time_scorer_name() -> str:
-    try:
-        import math_verify  # noqa: F401
-    except ImportError:
-        return "boxed-number (math_verify missing; merge re-scores)"
-    return "math_verify"
+    return SCORER
 
 
 def provisional_problems(rows: list[dict]) -> list[Problem]:
-    """Problems with a scorer that needs nothing outside this library (merge re-scores with the real ones)."""
-    from .problems import _mathqa_scorer, _math_verify_scorer
+    """Problems with the strict scorer built from the file's gold answers (it needs nothing outside this library,
+    so the device scores as ``merge`` does; ``merge`` still re-scores, from the real problems)."""
+    from .answers import strict_scorer
 
-    has_mv = run_time_scorer_name() == "math_verify"
-    out = []
-    for r in rows:
-        if r["source"] == "elementary_math_qa":
-            scorer = _mathqa_scorer(r["answer"])
-        elif r["source"] == "multistep_arithmetic" and has_mv:
-            scorer = _math_verify_scorer(r["answer"])
-        else:
-            scorer = _boxed_number_scorer(r["answer"])
-        out.append(Problem(r["id"], r["source"], r["question"], r["answer"], scorer))
-    return out
+    return [Problem(r["id"], r["source"], r["question"], r["answer"], strict_scorer(r["answer"])) for r in rows]
 
 
 def real_problems(rows: list[dict]) -> dict[str, Problem]:
@@ -660,6 +641,17 @@ def merge(log_dir: str | os.PathLike, problems: str | os.PathLike | None = None,
     recs["correct_at_run"] = recs["correct"].astype(float)
     recs["correct"] = [real[pid].score(text) for pid, text in zip(recs.problem_id, recs.text)]
     changed = int((recs.correct != recs.correct_at_run).sum())
+    from .answers import END_MARKERS
+
+    # a completion holding an end-of-turn marker kept generating after its turn ended (the stop-set bug)
+    try:  # the published reward's verdict beside the strict one, to show what the strict check refuses
+        from .rewards import accuracy_reward
+
+        recs["correct_math_verify"] = [accuracy_reward(t, real[pid].answer, published=True) or 0.0
+                                       for pid, t in zip(recs.problem_id, recs.text)]
+    except ImportError:
+        pass
+    recs["past_end_of_turn"] = [any(m in t for m in END_MARKERS) for t in recs.text]
     have = recs.groupby("problem_id").label.nunique()
     complete = set(have[have == len(labels)].index)
     order = {r["id"]: i for i, r in enumerate(rows)}
@@ -683,7 +675,9 @@ def merge(log_dir: str | os.PathLike, problems: str | os.PathLike | None = None,
               "time_budget_s": sorted({c["time_budget_s"] for c in calls})}
     extra = {"models": settings["models"], "problems_requested": len(rows), "problems_run": len(complete),
              "problems_incomplete_dropped": int((have < len(labels)).sum()), "rescored_changed": changed,
-             "scorer": "load_problems' scorers (math_verify for multistep_arithmetic)",
+             "past_end_of_turn": {lab: int(n) for lab, n in recs.groupby("label", sort=False).past_end_of_turn.sum()
+                                  .items()},
+             "scorer": SCORER,
              "scorer_at_run": sorted({h.get("scorer_at_run", "?") for h in hws}),
              "worker_errors": errors, "run_calls": [{k: c.get(k) for k in ("wall_s", "workers", "problems_assigned",
                                                                            "killed_at_deadline", "finished",

@@ -2,12 +2,15 @@
 
 Sources (no GSM8K / MATH / AIME package is installable here):
 
-* ``gsm_symbolic``: reasoning-gym's 100 GSM8K-test-derived templates, drawn with a fixed seed; scored by the
-  task's own ``score_answer`` on the completion's last ``\\boxed{}`` (1.0 only for an exact answer).
-* ``elementary_math_qa``: BIG-bench MathQA word problems (gold is one of five choices, e.g. ``"240 %"``); scored
-  by comparing the boxed number with the gold choice's number (fractions allowed, 1e-6 relative), since
-  math_verify reads ``240 %`` as 2.4.
-* ``multistep_arithmetic``: BIG-bench integer expressions; scored with math_verify like the training reward.
+* ``gsm_symbolic``: reasoning-gym's 100 GSM8K-test-derived templates, drawn with a fixed seed (integer answers).
+* ``elementary_math_qa``: BIG-bench MathQA word problems (gold is one of five choices, e.g. ``"240 %"``,
+  ``"18 days"``, ``"3 : 10"``).
+* ``multistep_arithmetic``: BIG-bench integer expressions.
+
+Every source is scored with the strict check of ``answers.py`` (``answers.strict_scorer``): the completion's final
+boxed (or declared) answer must be a number equal to the gold. reasoning-gym's own ``score_answer`` takes the
+first number it finds (``\\boxed{(3 + 4)}`` reads as 3) and math_verify evaluates expressions (a restated
+question gets the credit), so neither decides here.
 
 ``evaluate`` runs ``generate(problem, sample)`` for k samples per problem, appends one JSON line per sample to a
 results log (one ``os.write`` per line, fsynced: a crash loses at most the sample being written), skips what the
@@ -19,14 +22,14 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
-from fractions import Fraction
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import pandas as pd
+
+from .answers import last_boxed, strict_scorer
 
 SOURCES = ("gsm_symbolic", "elementary_math_qa", "multistep_arithmetic")
 ANSWER_INSTRUCTION = "Put your final answer within \\boxed{}."
@@ -49,57 +52,7 @@ class Problem:
 
 def extract_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}`` (balanced braces), or None."""
-    start = text.rfind("\\boxed{")
-    if start == -1:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
-        if depth == 0:
-            return text[i:j].strip()
-    return None
-
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*-?\d+(?:\.\d+)?)?")
-
-
-def _first_number(text: str) -> Fraction | None:
-    m = _NUMBER.search(text.replace(",", ""))
-    if not m:
-        return None
-    parts = [p.strip() for p in m.group(0).split("/")]
-    try:
-        value = Fraction(parts[0])
-        return value / Fraction(parts[1]) if len(parts) == 2 else value
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
-def boxed_number_scorer(gold: str, rel_tol: float = 1e-6) -> Callable[[str], float]:
-    """1.0 when the last boxed answer is the gold number (within ``rel_tol``, relative to max(1, |gold|)); a
-    gold that is not a number must match the boxed text exactly, spaces aside."""
-    gold_value = _first_number(gold)
-
-    def score(completion: str) -> float:
-        boxed = extract_boxed(completion)
-        if boxed is None:
-            return 0.0
-        if gold_value is None:
-            return float(boxed.replace(" ", "") == gold.replace(" ", ""))
-        value = _first_number(boxed)
-        return float(value is not None and abs(value - gold_value) <= rel_tol * max(1, abs(gold_value)))
-
-    return score
-
-
-def _mathqa_scorer(gold: str) -> Callable[[str], float]:
-    return boxed_number_scorer(gold)
-
-
-def _math_verify_scorer(gold: str) -> Callable[[str], float]:
-    from .rewards import accuracy_reward
-
-    return lambda completion: accuracy_reward(completion, gold) or 0.0
+    return last_boxed(text)
 
 
 def load_problems(source: str, n: int, seed: int = 0) -> list[Problem]:
@@ -114,13 +67,8 @@ def load_problems(source: str, n: int, seed: int = 0) -> list[Problem]:
         except ImportError as exc:
             raise RuntimeError("gsm_symbolic needs reasoning-gym: pip install reasoning-gym==0.1.25") from exc
         ds = reasoning_gym.create_dataset("gsm_symbolic", size=n, seed=seed)
-        out = []
-        for i, entry in enumerate(ds):
-            def score(completion, entry=entry):
-                boxed = extract_boxed(completion)
-                return float(boxed is not None and ds.score_answer(boxed, entry) == 1.0)
-            out.append(Problem(f"gsm_symbolic/{seed}/{i}", source, entry["question"], str(entry["answer"]), score))
-        return out
+        return [Problem(f"gsm_symbolic/{seed}/{i}", source, entry["question"], str(entry["answer"]),
+                        strict_scorer(str(entry["answer"]))) for i, entry in enumerate(ds)]
     from .. import assets
 
     rows = assets.elementary_math_qa("ci") if source == "elementary_math_qa" else assets.multistep_arithmetic("ci")
@@ -130,9 +78,8 @@ def load_problems(source: str, n: int, seed: int = 0) -> list[Problem]:
     if n > len(rows):
         raise ValueError(f"{source} has {len(rows)} problems, asked for {n}")
     order = np.random.default_rng(seed).permutation(len(rows))[:n]
-    make = _mathqa_scorer if source == "elementary_math_qa" else _math_verify_scorer
-    return [Problem(f"{source}/{int(i)}", source, rows[i]["question"], rows[i]["answer"], make(rows[i]["answer"]))
-            for i in order]
+    return [Problem(f"{source}/{int(i)}", source, rows[i]["question"], rows[i]["answer"],
+                    strict_scorer(rows[i]["answer"])) for i in order]
 
 
 def build_prompt(tokenizer, question: str, *, tag_hint: bool = False) -> str:

@@ -2,16 +2,19 @@
 
 Three rewards, summed with equal weight in training:
 
-* ``accuracy_reward``: 1 if the completion's boxed answer verifies against the gold answer with math_verify
-  (same extraction settings as the original), else 0; ``None`` if the gold answer does not parse (the original
-  skips such examples). A task's own scorer can be passed instead.
+* ``accuracy_reward``: 1 if the completion's final answer is a number equal to the gold (the strict check of
+  ``answers.py``, the same one evaluation uses), else 0; ``None`` if the gold holds no number (the original skips
+  such examples). ``published=True`` gives the original's math_verify check instead (kept to reproduce the
+  published signal, quirk 1 included): it evaluates what it extracts, so a completion that restates the
+  question, ``\\boxed{(2 - -4)}``, earns the reward of the answer 6 it never wrote. A task's own scorer can be
+  passed instead.
 * ``format_reward``: +1 for the ``<think>\\n...\\n</think>\\n<answer>\\n...\\n</answer>`` scaffold, +1 if the
   ``<bigmodel>`` tags pair up and do not overlap.
 * ``tag_count_reward``: scaffold partial credit (0.5 / 0.5 / 0.25 / 0.25, +0.5 for ``\\boxed{``), a tag-count
   term, 2 x the coverage reward (rises linearly to +1 at 40% of the characters inside tags, falls linearly to
   -1 at 100%), and -2 when the number of opening and closing tags differ.
 
-The original's quirks are reproduced on purpose (a reproduction of the published training signal), each one
+The original's quirks are reproduced on purpose (the accuracy quirk only with ``published=True``) (a reproduction of the published training signal), each one
 tested in tests/test_offload_rewards.py:
 
 1. ``boxed="all"``: every ``\\boxed{}`` in the completion is extracted into one set, so a completion that boxes
@@ -39,6 +42,8 @@ from __future__ import annotations
 
 import re
 from typing import Callable, Optional
+
+from .answers import gold_number, strict_score
 
 BIG_OPEN = "<bigmodel>"
 BIG_CLOSE = "</bigmodel>"
@@ -68,14 +73,19 @@ def _answer_extraction():
     )]
 
 
-def accuracy_reward(completion: str, solution: str,
-                    scorer: Callable[[str, str], float] | None = None) -> Optional[float]:
-    """1.0 if the completion's boxed answer equals ``solution`` (math_verify), else 0.0; None if the gold is
-    unparseable. With ``scorer(completion, solution)`` the task's own scorer decides instead."""
+def accuracy_reward(completion: str, solution: str, scorer: Callable[[str, str], float] | None = None, *,
+                    published: bool = False) -> Optional[float]:
+    """1.0 if the completion's final answer is a number equal to ``solution`` (``answers.strict_score``), else
+    0.0; None if the gold holds no number. ``published=True``: the original's math_verify check. With
+    ``scorer(completion, solution)`` the task's own scorer decides instead."""
     _check_text(completion)
     _check_text(solution, "solution")
     if scorer is not None:
         return float(scorer(completion, solution))
+    if not published:
+        if gold_number(solution) is None:
+            return None
+        return strict_score(completion, solution)
     from math_verify import parse, verify
 
     gold = parse(solution, extraction_mode="first_match")
@@ -160,9 +170,10 @@ def tag_count_reward(completion: str, peak: float = COVERAGE_PEAK) -> float:
     return r
 
 
-def total_reward(completion: str, solution: str, scorer=None) -> dict[str, Optional[float]]:
+def total_reward(completion: str, solution: str, scorer=None, *, published: bool = False
+                 ) -> dict[str, Optional[float]]:
     """The three rewards and their equal-weight sum (None if accuracy is None, as GRPO then skips it)."""
-    acc = accuracy_reward(completion, solution, scorer)
+    acc = accuracy_reward(completion, solution, scorer, published=published)
     fmt, tags = format_reward(completion), tag_count_reward(completion)
     return {"accuracy": acc, "format": fmt, "tag_count": tags,
             "total": None if acc is None else acc + fmt + tags}
