@@ -101,6 +101,7 @@ def available_kernels() -> list[str]:
     return ["portable"] + [k for k in ("avx2", "avx512") if probe[k]]
 
 
+@lru_cache(maxsize=64)
 def resolve_kernel(kernel: str, group_size: int) -> str:
     if kernel != "auto" and kernel not in CPU_KERNELS:
         raise ValueError(f"unknown CPU kernel {kernel!r}; expected 'auto' or one of {CPU_KERNELS}")
@@ -117,7 +118,8 @@ def resolve_kernel(kernel: str, group_size: int) -> str:
     return kernel
 
 
-def _lut_table(bits: int) -> torch.Tensor:
+@lru_cache(maxsize=2)
+def _lut_table(bits: int) -> torch.Tensor:  # shared and read-only: built once, not on every call
     t = code_values(bits)
     return F.pad(t, (0, 16 - t.shape[1])).contiguous()
 
@@ -125,6 +127,8 @@ def _lut_table(bits: int) -> torch.Tensor:
 def grouped_input(x2: torch.Tensor, in_features: int, group_size: int, n_groups: int) -> torch.Tensor:
     """fp32 [m, n_groups * gp]: each group's inputs, zero-padded like the packed codes."""
     gp = padded_group(group_size)
+    if gp == group_size and in_features == n_groups * group_size:  # nothing to pad (e.g. 4096 / 128)
+        return x2.to(torch.float32).contiguous()
     xf = F.pad(x2.float(), (0, n_groups * group_size - in_features)).view(x2.shape[0], n_groups, group_size)
     return F.pad(xf, (0, gp - group_size)).reshape(x2.shape[0], n_groups * gp).contiguous()
 
