@@ -60,6 +60,12 @@ def random_packed(out_features: int, in_features: int, bits: int, device="cpu", 
                         torch.bfloat16)
 
 
+def packed_nbytes(out_features: int, in_features: int, bits: int) -> int:
+    """Bytes of a packed weight with FP16 scales (codes + scales + 2-bit type ids)."""
+    n_groups = -(-in_features // GROUP)
+    return out_features * (n_groups * (group_bytes(bits, GROUP) + 2) + -(-n_groups // 4))
+
+
 def spread(ts: list[float]) -> dict:
     s = sorted(ts)
     return {"median_us": 1e6 * statistics.median(s), "p10_us": 1e6 * s[len(s) // 10],
@@ -85,8 +91,7 @@ def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFram
         n_dense = max(2, math.ceil(3 * llc / dense_bytes))
         dense = [torch.randn(n, k).bfloat16() * 0.02 for _ in range(n_dense)]
         for bits in bits_list:
-            probe_p = random_packed(n, k, bits, seed=99)
-            packed_bytes = probe_p.nbytes()
+            packed_bytes = packed_nbytes(n, k, bits)
             copies = [random_packed(n, k, bits, seed=i) for i in range(max(2, math.ceil(3 * llc / packed_bytes)))]
             # spot check: each kernel against the dequantized weight on one copy
             x = torch.randn(2, k).bfloat16()
@@ -205,8 +210,9 @@ def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dic
     bw = hbm_read_bandwidth()
     l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * 2**20)
     log(f"GPU {torch.cuda.get_device_name(0)}: HBM read {bw / 1e9:.0f} GB/s, L2 {l2 / 2**20:.0f} MiB")
-    sweep = [{"block_n": bn, "split_k": sk, "num_warps": nw} for bn in (16, 32, 64) for sk in (1, 2, 4, 8)
-             for nw in (2, 4)]
+    # a small sweep (each config compiles per bits x token bucket: keep the run inside the 10-minute call)
+    sweep = [{"block_n": bn, "split_k": sk, "num_warps": nw}
+             for bn, sk, nw in ((16, 2, 2), (32, 1, 4), (32, 4, 4), (32, 8, 4), (64, 1, 4), (64, 4, 8))]
     rows, notes = [], {}
     for name, (n, k) in shapes.items():
         dense_bytes = n * k * 2
@@ -214,9 +220,10 @@ def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dic
                  for _ in range(max(2, math.ceil(4 * l2 / dense_bytes)))]
         ao_layers, notes[f"torchao_{name}"] = torchao_int4(n, k, max(2, math.ceil(4 * l2 / (n * k // 2))))
         for bits in bits_list:
+            packed_bytes = packed_nbytes(n, k, bits)
             copies = [random_packed(n, k, bits, "cuda", seed=i)
-                      for i in range(max(2, math.ceil(4 * l2 / random_packed(n, 128, bits).nbytes() / (k / 128))))]
-            packed_bytes = copies[0].nbytes()
+                      for i in range(max(2, math.ceil(4 * l2 / packed_bytes)))]
+            assert copies[0].nbytes() == packed_bytes
             x0 = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
             ref = x0.float() @ dequantize(copies[0]).float().T
             y = triton_gemv.bitmod_linear_triton(x0, copies[0]).float()
