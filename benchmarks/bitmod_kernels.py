@@ -14,7 +14,8 @@ Parts (--parts, default cpu,gpu; gpu is skipped without CUDA), each writing data
 (scale full; --scale ci writes to data/results/bitmod/ci/):
   cpu  kernels_cpu   per shape x bits x tokens (1, 4, 8): torch bf16 F.linear, every BitMoD SIMD kernel
        this CPU runs (``bitmod_<isa>``: the user-facing call, ``bitmod_<isa>_raw``: the kernel on pre-laid-out
-       input), same threads; the bytes each reads over the read bandwidth measured in this run (SparAMX's
+       input, ``bitmod_<isa>_single_type``: every group of one type, which prices the per-group data-type
+       mix), same threads; the bytes each reads over the read bandwidth measured in this run (SparAMX's
        stream_read probe) = bound_us; speedup_vs_bf16 and frac_of_bound.
   gpu  kernels_gpu   per shape x bits x tokens (1, 4, 16, 64): torch bf16, the BitMoD Triton kernel (its
        config the fastest of a small sweep done in this run), torchao int4 weight-only (group 128) if it
@@ -60,6 +61,13 @@ def random_packed(out_features: int, in_features: int, bits: int, device="cpu", 
                         torch.bfloat16)
 
 
+def single_type(p: PackedBitMoD) -> PackedBitMoD:
+    """The same codes and scales with every group of type 0: what the per-group type mix costs is the time
+    difference (the kernels are otherwise identical)."""
+    return PackedBitMoD(p.codes, p.scales, torch.zeros_like(p.type_ids), p.in_features, p.bits, p.group_size,
+                        p.dtype)
+
+
 def packed_nbytes(out_features: int, in_features: int, bits: int) -> int:
     """Bytes of a packed weight with FP16 scales (codes + scales + 2-bit type ids)."""
     n_groups = -(-in_features // GROUP)
@@ -93,6 +101,7 @@ def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFram
         for bits in bits_list:
             packed_bytes = packed_nbytes(n, k, bits)
             copies = [random_packed(n, k, bits, seed=i) for i in range(max(2, math.ceil(3 * llc / packed_bytes)))]
+            single = [single_type(p) for p in copies]
             # spot check: each kernel against the dequantized weight on one copy
             x = torch.randn(2, k).bfloat16()
             ref = x.float() @ dequantize(copies[0]).float().T
@@ -105,7 +114,7 @@ def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFram
                 x = torch.randn(tokens, k).bfloat16()
                 xg = cpu_gemv.grouped_input(x, k, GROUP, copies[0].n_groups)
                 out = torch.empty(tokens, n)
-                it = {"d": 0, "p": 0}
+                it = {"d": 0, "p": 0, "s": 0}
 
                 def nxt(key, seq):
                     it[key] = (it[key] + 1) % len(seq)
@@ -123,6 +132,8 @@ def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFram
                         if err:
                             raise RuntimeError(err)
                     cands[f"bitmod_{kern}_raw"] = raw
+                    cands[f"bitmod_{kern}_single_type"] = lambda kern=kern: cpu_gemv.bitmod_linear_cpu(
+                        x, nxt("s", single), kernel=kern)
                 times = interleaved_times(cands, repeats)
                 base = statistics.median(times["torch_bf16"])
                 for impl, ts in times.items():
@@ -224,6 +235,7 @@ def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dic
             copies = [random_packed(n, k, bits, "cuda", seed=i)
                       for i in range(max(2, math.ceil(4 * l2 / packed_bytes)))]
             assert copies[0].nbytes() == packed_bytes
+            single = [single_type(p) for p in copies]
             x0 = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
             ref = x0.float() @ dequantize(copies[0]).float().T
             y = triton_gemv.bitmod_linear_triton(x0, copies[0]).float()
@@ -245,8 +257,13 @@ def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dic
                 timers = {"torch_bf16": graph_timer([lambda w=w: F.linear(x, w) for w in dense], 5),
                           "bitmod_triton": graph_timer([lambda p=p: triton_gemv.bitmod_linear_triton(x, p, config=best)
                                                         for p in copies], 5)}
+                timers["bitmod_triton_single_type"] = graph_timer(
+                    [lambda p=p: triton_gemv.bitmod_linear_triton(x, p, config=best) for p in single], 5)
                 if ao_layers:
-                    timers["torchao_int4"] = graph_timer([lambda m=m: m(x) for m in ao_layers], 5)
+                    try:
+                        timers["torchao_int4"] = graph_timer([lambda m=m: m(x) for m in ao_layers], 5)
+                    except Exception as exc:  # noqa: BLE001 - recorded, the rest of the run goes on
+                        notes[f"torchao_{name}"] += f"; graph capture failed: {type(exc).__name__}: {exc}"[:200]
                 times = {key: [] for key in timers}
                 for rep in range(repeats):
                     order = list(timers)[rep % len(timers):] + list(timers)[:rep % len(timers)]
@@ -254,8 +271,8 @@ def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dic
                         times[key].append(timers[key]())
                 base = statistics.median(times["torch_bf16"])
                 for impl, ts in times.items():
-                    nbytes = {"torch_bf16": dense_bytes, "bitmod_triton": packed_bytes,
-                              "torchao_int4": n * k // 2 + 2 * 2 * n * (k // GROUP)}[impl]
+                    nbytes = dense_bytes if impl == "torch_bf16" else (
+                        n * k // 2 + 2 * 2 * n * (k // GROUP) if impl == "torchao_int4" else packed_bytes)
                     s = spread(ts)
                     rows.append({"shape": name, "out_features": n, "in_features": k, "bits": bits,
                                  "tokens": tokens, "impl": impl, **s, "weight_bytes": nbytes,
@@ -263,7 +280,7 @@ def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dic
                                  "frac_of_bound": (1e6 * nbytes / bw) / s["median_us"],
                                  "speedup_vs_bf16": base / statistics.median(ts),
                                  "achieved_gbs": nbytes / statistics.median(ts) / 1e9,
-                                 "config": str(best) if impl == "bitmod_triton" else ""})
+                                 "config": str(best) if impl.startswith("bitmod_triton") else ""})
                 log(f"{name} {bits}-bit {tokens} tok: " + ", ".join(
                     f"{r['impl']} {r['median_us']:.1f} us ({r['speedup_vs_bf16']:.2f}x, {r['frac_of_bound']:.0%})"
                     for r in rows[-len(times):]))
