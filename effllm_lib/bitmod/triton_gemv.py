@@ -52,8 +52,8 @@ if triton is not None:
     @triton.jit
     def _decode(code, t, scale, BITS: tl.constexpr, OUT_DTYPE: tl.constexpr, BF16_BY_BITS: tl.constexpr):
         """code (int32, sign-magnitude FP), t (type id), scale (fp32) -> weight rounded to OUT_DTYPE."""
-        SIGN: tl.constexpr = 1 << (BITS - 1)
-        m = code & (SIGN - 1)
+        sign = 1 << (BITS - 1)
+        m = code & (sign - 1)
         if BITS == 4:
             big = (2 + (m & 1)) << tl.maximum((m >> 1) - 1, 0)      # E2M1 x2: 2,3,4,6,8,12
             special = tl.where(t >= 2, 16.0, 10.0)
@@ -62,7 +62,7 @@ if triton is not None:
             special = tl.where(t >= 2, 6.0, 3.0)
         mag = tl.where(m < 2, m, big).to(tl.float32)
         special = tl.where((t & 1) == 1, -special, special)
-        value = tl.where(code == SIGN, special, tl.where((code & SIGN) != 0, -mag, mag))
+        value = tl.where(code == sign, special, tl.where((code & sign) != 0, -mag, mag))
         w = value * scale
         if BF16_BY_BITS:  # Triton's interpreter truncates fp32 -> bf16; the GPU rounds to nearest even
             w = _round_bf16_bits(w)
@@ -97,8 +97,8 @@ if triton is not None:
         toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         row_ok = rows < N
         tok_ok = toks < M
-        GBYTES: tl.constexpr = GROUP * BITS // 8
-        row_bytes = n_groups * GBYTES
+        gbytes = GROUP * BITS // 8
+        row_bytes = n_groups * gbytes
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         g0 = pid_k * groups_per_split
         g1 = tl.minimum(g0 + groups_per_split, n_groups)
@@ -106,7 +106,7 @@ if triton is not None:
             t = (tl.load(types_ptr + rows * ((n_groups + 3) // 4) + g // 4, mask=row_ok, other=0).to(tl.int32)
                  >> (2 * (g % 4))) & 3
             s = tl.load(scales_ptr + rows * n_groups + g, mask=row_ok, other=0).to(tl.float32)
-            base = codes_ptr + rows[:, None] * row_bytes + g * GBYTES
+            base = codes_ptr + rows[:, None] * row_bytes + g * gbytes
             if BITS == 4:
                 HALF: tl.constexpr = GROUP // 2
                 j = tl.arange(0, HALF)

@@ -1,11 +1,13 @@
 // AVX2 + FMA kernel (CPUs without AVX-512, e.g. AMD Zen 2/3): the group's scaled 16-entry value set lives in two
 // ymm registers; vpermps (_mm256_permutevar8x32_ps) looks up the low 3 bits in each half and a blend on bit 3
 // picks the half (3-bit codes need only the first). Same layout requirement as the AVX-512 kernel.
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,f16c")
 #include <immintrin.h>
 
 #include "bitmod_kernels.h"
+
+// headers above keep the generic target; only the code below is compiled for avx2,fma,f16c
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
 
 namespace {
 inline __m256 round_lut(__m256 v, int mode) {

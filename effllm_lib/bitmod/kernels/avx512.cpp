@@ -3,13 +3,15 @@
 // the low 4 bits of each index, so the low nibble needs no mask). A byte-table lookup (VBMI vpermb) would
 // give int8 values that still need a convert and a scale multiply per weight; the FP32 table does both once
 // per group. Needs group sizes padded to a multiple of 64 (bindings.cpp checks).
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx2,fma,f16c")
 #include <immintrin.h>
 
 #include <cstring>
 
 #include "bitmod_kernels.h"
+
+// headers above keep the generic target; only the code below is compiled for avx512f,avx2,fma,f16c
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx2,fma,f16c")
 
 namespace {
 inline __m512 round_lut(__m512 v, int mode) {
@@ -54,7 +56,7 @@ void rows(const GemvProblem& p, int64_t row_begin, int64_t row_end) {
           const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + j)));
           for (int k = 0; k < 4; ++k) {
             uint16_t high;
-            std::memcpy(&high, plane1 + (j + k * q) / 8, 2);
+            __builtin_memcpy(&high, plane1 + (j + k * q) / 8, 2);
             __m512i idx = _mm512_and_si512(_mm512_srli_epi32(b, 2 * k), _mm512_set1_epi32(3));
             idx = _mm512_mask_or_epi32(idx, static_cast<__mmask16>(high), idx, _mm512_set1_epi32(4));
             const __m512 w = _mm512_permutexvar_ps(idx, lut);
