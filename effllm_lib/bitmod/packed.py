@@ -226,27 +226,31 @@ def pack_weight(w: torch.Tensor, bits: int, group_size: int, scale_dtype: str = 
         codes_c = torch.zeros(flat_t.shape, dtype=torch.int64, device=w.device)
         scales_c = torch.zeros(flat_t.shape[0], dtype=sdt, device=w.device)
         types_c = torch.zeros(flat_t.shape[0], dtype=torch.int64, device=w.device)
+        candidates = []  # (type, value set, scale before nudging): the largest magnitude on either side
         for t in range(4):
             values = table[t].unique()  # sorted
             for m in sorted({float(values.max()), float(-values.min())}, reverse=True):
-                base = (amax / m).to(sdt)
-                for step in _NUDGES:
-                    idx = todo.nonzero().squeeze(1)
-                    if want_type is not None:
-                        idx = idx[want_type[idx] == t]
-                    if idx.numel() == 0:
-                        break
-                    s = _nudge(base[idx], step)
-                    sf = s.float().unsqueeze(1)
-                    x = flat_t[idx]
-                    v = dt.round_to_values(x / torch.where(sf > 0, sf, torch.ones_like(sf)), values)
-                    recon = (v * sf).to(w.dtype).float()
-                    ok = (recon == x).all(1)
-                    hit = idx[ok]
-                    codes_c[hit] = value_code[t, v[ok].long() + 16]
-                    scales_c[hit] = s[ok]
-                    types_c[hit] = t
-                    todo[hit] = False
+                candidates.append((t, values, (amax / m).to(sdt)))
+        # nudges outermost: almost every group is reproduced by some type's un-nudged scale, so the later
+        # passes only see the few groups left
+        for step in _NUDGES:
+            for t, values, base in candidates:
+                idx = todo.nonzero().squeeze(1)
+                if want_type is not None:
+                    idx = idx[want_type[idx] == t]
+                if idx.numel() == 0:
+                    continue
+                s = _nudge(base[idx], step)
+                sf = s.float().unsqueeze(1)
+                x = flat_t[idx]
+                v = dt.round_to_values(x / torch.where(sf > 0, sf, torch.ones_like(sf)), values)
+                recon = (v * sf).to(w.dtype).float()
+                ok = (recon == x).all(1)
+                hit = idx[ok]
+                codes_c[hit] = value_code[t, v[ok].long() + 16]
+                scales_c[hit] = s[ok]
+                types_c[hit] = t
+                todo[hit] = False
         if todo.any():
             bad = int(todo.sum())
             first = int(todo.nonzero()[0])
