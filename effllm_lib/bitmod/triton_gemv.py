@@ -142,7 +142,8 @@ MAX_TOKENS = 64
 
 def default_config(m: int, n: int, n_groups: int) -> dict:
     """A starting point, not a tuned choice: the benchmark sweeps ``block_n``, ``split_k`` and ``num_warps``."""
-    block_m = 1 if m == 1 else (min(8, triton.next_power_of_2(m)) if m <= 8 else min(64, max(16, triton.next_power_of_2(m))))
+    # up to 8 tokens: FP32 multiply-reduce over a power-of-two token block; from 9: tl.dot blocks of 16..64
+    block_m = triton.next_power_of_2(m) if m <= 8 else min(64, max(16, triton.next_power_of_2(m)))
     block_n = 32 if m <= 8 else 64
     split_k = max(1, min(8, n_groups // 8, 264 // max(1, triton.cdiv(n, block_n))))
     return {"block_m": block_m, "block_n": block_n, "split_k": split_k, "num_warps": 4}
