@@ -68,8 +68,10 @@ class Trace:
     answer: str
     steps: str  # the reference solution, ``####`` line removed
 
-    def completion(self) -> str:
-        return f"<think>\n{self.steps}\n</think>\n<answer>\n\\boxed{{{self.answer}}}\n</answer>"
+    def completion(self, steps: str | None = None) -> str:
+        """The scaffolded completion; ``steps`` replaces the reference steps (e.g. with tags inserted)."""
+        steps = self.steps if steps is None else steps
+        return f"<think>\n{steps}\n</think>\n<answer>\n\\boxed{{{self.answer}}}\n</answer>"
 
 
 _FINAL = re.compile(r"^####\s*(.+?)\s*$", re.MULTILINE)
