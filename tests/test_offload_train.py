@@ -111,3 +111,96 @@ def test_config_checks():
         TS.SFTConfig(batch_size=0)
     with pytest.raises(TypeError, match="SFTConfig"):
         TS.sft_("x", "y", {"lr": 1})
+
+
+# -------------------------------------------------------------------------------------------------- GRPO
+def test_attribute_segments_by_hand():
+    from effllm_lib.offload.train_grpo import attribute_segments
+
+    text = "a <bigmodel>BIG</bigmodel> b <bigmodel>CAP</bigmodel> c"
+    segs = [("small", "a <bigmodel>"), ("big", "BIG"), ("small", " b <bigmodel>"), ("big", "CAP"),
+            ("cap", "</bigmodel>"), ("small", " c")]
+    got = attribute_segments(text, segs)
+    assert "".join(t for _, t in got) == text
+    assert got[2] == ("small", "</bigmodel>")  # the handoff's closing tag: the policy's probe chose it
+    assert got[5] == ("cap", "</bigmodel>") and len(got) == 7
+    with pytest.raises(RuntimeError, match="rebuild"):
+        attribute_segments("xyz", [("small", "xy"), ("big", "q")])
+
+
+def test_big_tokens_are_masked_in_a_real_controller_rollout():
+    from test_offload_controller import make_tokenizer, run_tags
+
+    from effllm_lib.offload.train_grpo import attribute_segments, completion_ids_and_mask
+
+    toks = make_tokenizer(300, tags=True), make_tokenizer(280, tags=False)
+    n_prompt = len(toks[0]("question: add 12 and 30. You always use <bigmodel>...</bigmodel> for the hard parts."
+                           "\n<think>\n", add_special_tokens=False)["input_ids"])
+    forced = {n_prompt + 5: "open", n_prompt + 16: "close", n_prompt + 30: "open", n_prompt + 33: "close"}
+    gen = run_tags(toks, True, forced, same_tokenizer=False)
+    pieces = attribute_segments(gen.text, gen.segments)
+    ids, mask = completion_ids_and_mask(toks[0], pieces, gen.finished)
+    assert toks[0].decode(ids) == gen.text and len(ids) == len(mask)
+    big_text = "".join(t for who, t in gen.segments if who == "big")
+    assert big_text and mask.count(0) == sum(len(toks[0](t, add_special_tokens=False)["input_ids"])
+                                             for who, t in pieces if who != "small")
+    # every masked token lies inside a <bigmodel> span, and each tag the policy wrote is unmasked
+    open_id, close_id = toks[0].convert_tokens_to_ids(["<bigmodel>", "</bigmodel>"])
+    inside = False
+    for i, m in zip(ids, mask):
+        if i == open_id:
+            assert m == 1
+            inside = True
+        elif i == close_id:
+            inside = False
+        else:
+            assert m == 1 or inside
+
+
+def test_grpo_setup_checks():
+    from effllm_lib.offload.train_grpo import GRPOSetup
+
+    with pytest.raises(ValueError, match="multiple"):
+        GRPOSetup(num_generations=3, batch_size=4)
+    with pytest.raises(ValueError, match=">= 2"):
+        GRPOSetup(num_generations=1, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def tagged_pair(tmp_path_factory):
+    """A tagged tiny policy (through the SFT tags stage) and an untagged tiny big model with another tokenizer."""
+    from effllm_lib.offload import sft_data
+    from effllm_lib.offload.annotate import insert_tags
+
+    root = tmp_path_factory.mktemp("pair")
+    base = save_tiny(root / "base", seed=0)
+    items = sft_data.gsm_items("train", 4, seed=0)
+    ann = root / "ann.jsonl"
+    ann.write_text("".join(json.dumps({"id": t.id, "steps": insert_tags(t.steps, [(0, 10)])}) + "\n"
+                           for t in items))
+    cfg = TS.SFTConfig(**{**CFG, "n_train": 4, "stage": "tags", "annotations": str(ann), "max_steps": 1})
+    policy = TS.sft_(base, root / "sft", cfg)["final"]
+    return policy, save_tiny(root / "big", tied=False, seed=5)
+
+
+GRPO_SMALL = dict(n_train=4, num_generations=2, batch_size=2, max_new_tokens=24, chunk_tokens=4, probe_tokens=2,
+                  max_big_segment=8, max_steps=2, save_steps=1, lr=1e-4)
+
+
+def test_grpo_runs_logs_every_term_and_resumes(tagged_pair, tmp_path, tmp_data):
+    from effllm_lib import results
+    from effllm_lib.offload.train_grpo import GRPOSetup, grpo_
+
+    policy, big = tagged_pair
+    setup = GRPOSetup(**GRPO_SMALL)
+    first = grpo_(policy, big, tmp_path / "g", setup, max_minutes=0)
+    assert not first["done"] and first["step"] == 1
+    out = grpo_(policy, big, tmp_path / "g", setup, results_name="grpo_test")
+    assert out["done"] and out["step"] == 2
+    log = results.load("splitreason", "grpo_test")
+    for col in ("loss", "reward", "kl", "rewards/accuracy/mean", "rewards/format/mean", "rewards/tag_count/mean",
+                "rewards/big_cost/mean", "rewards/tag_coverage/mean", "rewards/big_fraction/mean"):
+        assert col in log.columns, col
+    assert list(log["step"]) == [1, 2]
+    with pytest.raises(ValueError, match="big_token_cost"):
+        grpo_(policy, big, tmp_path / "g", GRPOSetup(**{**GRPO_SMALL, "big_token_cost": 0.01}))
