@@ -99,8 +99,9 @@ def test_select_windows_by_hand():
     # more budget: windows at tokens 5 and 7 overlap the first; then tokens 0-2 and 1-3 both sum 6 and the
     # stable sort takes the first
     assert A.select_windows(gap, toks, coverage=0.5, window=3, max_gap=0) == [(0, 3), (6, 9)]
-    # no positive gap: nothing is tagged, whatever the budget
-    assert A.select_windows(-np.ones(10), toks, coverage=0.5, window=2) == []
+    # no positive gap: the budget is still met, at the least negative windows
+    neg = -np.array([5, 5, 1, 1, 5, 5, 5, 5, 5, 5], dtype=float)
+    assert A.select_windows(neg, toks, coverage=0.2, window=2, max_gap=0) == [(2, 4)]
     with pytest.raises(ValueError, match="coverage"):
         A.select_windows(gap, toks, coverage=1.5)
 

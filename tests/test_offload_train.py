@@ -1,6 +1,7 @@
 """SFT (and GRPO) training loops on tiny models: they run, resume exactly, and refuse changed settings."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -204,3 +205,76 @@ def test_grpo_runs_logs_every_term_and_resumes(tagged_pair, tmp_path, tmp_data):
     assert list(log["step"]) == [1, 2]
     with pytest.raises(ValueError, match="big_token_cost"):
         grpo_(policy, big, tmp_path / "g", GRPOSetup(**{**GRPO_SMALL, "big_token_cost": 0.01}))
+
+
+# ---------------------------------------------------------------------------------------- CLI, eval, accelerate
+def test_cli_pipeline_on_tiny_models(tiny_dir, tmp_path, tmp_data, capsys):
+    from effllm_lib import results
+    from effllm_lib.offload.train import main
+
+    assert main(["sft", "--model", tiny_dir, "--out", str(tmp_path / "sft"), "--device", "cpu", "--n-train", "4",
+                 "--batch-size", "2", "--max-steps", "2", "--max-length", "2048", "--tag", "_t"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["done"]
+    final = str(tmp_path / "sft" / "final")
+    assert main(["annotate", "--method", "gap", "--model", final, "--big", tiny_dir, "--device", "cpu",
+                 "--out", str(tmp_path / "ann.jsonl"), "--n-train", "3", "--coverage", "0.2", "--tag", "_t"]) == 0
+    rep = results.load("splitreason", "annotation_gap_t")
+    assert len(rep) == 3 and (rep["coverage"] >= 0.2).all()
+    rows = [json.loads(x) for x in (tmp_path / "ann.jsonl").read_text().splitlines()]
+    assert all("<bigmodel>" in r["steps"] for r in rows)
+    assert main(["eval", "--model", final, "--device", "cpu", "--label", "tiny", "--log", str(tmp_path / "e.jsonl"),
+                 "--n", "3", "--max-new-tokens", "8", "--batch-size", "2", "--tag", "_t"]) == 0
+    summary = results.load("splitreason", "trained_eval_tiny_t")
+    assert summary["problems"].iloc[0] == 3 and 0 <= summary["pass@1"].iloc[0] <= 1
+    # resumed: nothing is generated again, the log keeps 3 lines
+    main(["eval", "--model", final, "--device", "cpu", "--label", "tiny", "--log", str(tmp_path / "e.jsonl"),
+          "--n", "3", "--max-new-tokens", "8", "--tag", "_t"])
+    assert len((tmp_path / "e.jsonl").read_text().splitlines()) == 3
+
+
+def test_generate_alone_matches_unbatched_greedy(tiny_dir):
+    """Left-padded batched generation equals one-prompt-at-a-time greedy decoding by hand."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from effllm_lib.offload.evaluate_trained import generate_alone
+
+    model, tok = AutoModelForCausalLM.from_pretrained(tiny_dir).eval(), AutoTokenizer.from_pretrained(tiny_dir)
+    prompts = ["<|im_start|>user\nadd 12 and 30<|im_end|>\n<|im_start|>assistant\n", "the big model writes"]
+    got = generate_alone(model, tok, prompts, max_new_tokens=6)
+    for p, g in zip(prompts, got):
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        new = []
+        for _ in range(6):
+            with torch.no_grad():
+                nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+        assert g["text"] == tok.decode(new) and g["tokens"] == len(new)
+
+
+@pytest.mark.slow
+def test_sft_under_accelerate_with_two_cpu_processes(tiny_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EFFLLM_DATA_DIR": str(tmp_path / "data")}
+    (tmp_path / "data" / "results").mkdir(parents=True)
+    (tmp_path / "data" / "paper").mkdir(parents=True)
+    # --multi_gpu on a host without GPUs starts gloo CPU processes (--cpu would start just one)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "effllm_lib.offload.train", "sft",
+           "--model", tiny_dir, "--out", str(tmp_path / "ddp"), "--device", "cpu", "--n-train", "8",
+           "--batch-size", "2", "--max-steps", "2", "--max-length", "2048"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from effllm_lib import results
+
+    os.environ["EFFLLM_DATA_DIR"] = str(tmp_path / "data")
+    try:
+        log = results.load("splitreason", "train_sft_competence")
+    finally:
+        del os.environ["EFFLLM_DATA_DIR"]
+    assert log.attrs["provenance"]["params"]["world_size"] == 2
+    assert list(log["step"]) == [1, 2]

@@ -11,7 +11,7 @@ data generator; written here from its description.)
 ``gap_spans`` (likelihood gap): the small and the big model each score the trace; a character's gap is the small
 model's loss minus the big model's, each token's loss spread evenly over its characters (the two tokenizers
 differ, characters are common ground). Windows of ``window`` small-model tokens are taken greedily by total gap,
-never overlapping, until the spans hold ``coverage`` of the characters; then merged like the LLM's spans. The
+never overlapping, whatever the gap's sign, until the spans hold ``coverage`` of the characters; then merged like the LLM's spans. The
 big model writes where it is most surprised less than the small one: where offloading should help most.
 
 ``insert_tags`` writes ``<bigmodel>...</bigmodel>`` (the correct closing tag, not the original's ``<\\bigmodel>``)
@@ -193,7 +193,9 @@ def char_losses(model, tokenizer, prompt: str, text: str) -> tuple[np.ndarray, l
 def select_windows(char_gap: np.ndarray, token_spans: list[Span], coverage: float, window: int = 6,
                    max_gap: int = 10) -> list[Span]:
     """Greedy non-overlapping windows of ``window`` tokens with the largest total gap, until the merged spans
-    cover ``coverage`` of the characters (or no window with a positive gap is left)."""
+    cover ``coverage`` of the characters (or no window fits). The budget is met even where the small model is
+    nowhere worse than the big one (all gaps negative): the spans are then where it is least better, so the two
+    annotators are always compared at the same coverage."""
     if not 0 < coverage < 1:
         raise ValueError(f"coverage must be in (0, 1), got {coverage!r}")
     if window < 1:
@@ -208,8 +210,6 @@ def select_windows(char_gap: np.ndarray, token_spans: list[Span], coverage: floa
     taken = np.zeros(n_tok, dtype=bool)
     chosen: list[Span] = []
     for i in np.argsort(-sums, kind="stable"):
-        if sums[i] <= 0:
-            break
         if taken[i:i + w].any():
             continue
         taken[i:i + w] = True
