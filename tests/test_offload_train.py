@@ -278,3 +278,31 @@ def test_sft_under_accelerate_with_two_cpu_processes(tiny_dir, tmp_path):
         del os.environ["EFFLLM_DATA_DIR"]
     assert log.attrs["provenance"]["params"]["world_size"] == 2
     assert list(log["step"]) == [1, 2]
+
+
+@pytest.mark.slow
+def test_grpo_under_accelerate_with_two_cpu_processes(tagged_pair, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    policy, big = tagged_pair
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "EFFLLM_DATA_DIR": str(tmp_path / "data")}
+    (tmp_path / "data" / "results").mkdir(parents=True)
+    (tmp_path / "data" / "paper").mkdir(parents=True)
+    args = [f"--{k.replace('_', '-')}={v}" for k, v in GRPO_SMALL.items()]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+           "effllm_lib.offload.train", "grpo", "--model", policy, "--big", big, "--out", str(tmp_path / "g"),
+           "--device", "cpu", *args]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from effllm_lib import results
+
+    os.environ["EFFLLM_DATA_DIR"] = str(tmp_path / "data")
+    try:
+        log = results.load("splitreason", "train_grpo")
+    finally:
+        del os.environ["EFFLLM_DATA_DIR"]
+    assert log.attrs["provenance"]["params"]["world_size"] == 2
+    assert list(log["step"]) == [1, 2] and "rewards/big_cost/mean" in log.columns
