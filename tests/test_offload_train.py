@@ -306,3 +306,20 @@ def test_grpo_under_accelerate_with_two_cpu_processes(tagged_pair, tmp_path):
         del os.environ["EFFLLM_DATA_DIR"]
     assert log.attrs["provenance"]["params"]["world_size"] == 2
     assert list(log["step"]) == [1, 2] and "rewards/big_cost/mean" in log.columns
+
+
+def test_tiny_chat_model_folder(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from effllm_lib.offload import sft_data
+    from effllm_lib.offload.tiny_chat import save_tiny_chat_model
+
+    folder = save_tiny_chat_model(tmp_path / "m")
+    model, tok = AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+    prompt, completion = sft_data.prompt_and_completion(tok, "2+2?", "<think>\n4\n</think>")
+    assert prompt.startswith("<|im_start|>system\n") and prompt.endswith("<|im_start|>assistant\n")
+    assert completion.endswith("<|im_end|>") and tok.eos_token_id == model.config.eos_token_id
+    # BPE merges: a gsm trace is fewer tokens than bytes, and decodes back to itself
+    t = sft_data.gsm_items("train", 1)[0]
+    ids = tok(t.steps, add_special_tokens=False)["input_ids"]
+    assert len(ids) < len(t.steps.encode()) and tok.decode(ids) == t.steps
