@@ -30,6 +30,21 @@ def test_split_is_a_partition_of_the_usable_templates():
     assert set(sp["train"]) | set(sp["held_out"]) == set(tasks_ok)
     assert len(sp["held_out"]) == round(len(tasks_ok) / 3)
     assert S.template_split() == sp  # fixed, not drawn anew
+    assert sp["held_out"] == S.HELD_OUT  # the recorded copy the GPU machine checks exports with
+
+
+def test_export_and_read_back(tmp_path, monkeypatch):
+    items = S.gsm_items("held_out", 5, seed=2)
+    path = S.export_items("held_out", 5, 2, tmp_path)
+    monkeypatch.setenv(S.ITEMS_DIR_ENV, str(tmp_path))
+    import reasoning_gym
+
+    monkeypatch.setattr(reasoning_gym, "create_dataset", None)  # the export must not need reasoning-gym
+    assert S.gsm_items("held_out", 5, seed=2) == items
+    # an export whose items come from the other split's templates is refused
+    path.rename(tmp_path / S.items_file_name("train", 5, 2))
+    with pytest.raises(ValueError, match="other split"):
+        S.gsm_items("train", 5, seed=2)
 
 
 def _regenerated_question(template: int, seed: int, index: int) -> str:

@@ -20,16 +20,22 @@ on reasoning-gym's own reference solutions (``metadata["answer_cot"]``: one line
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from .problems import Problem, build_prompt
 
 SPLITS = ("train", "held_out")
 HELD_OUT_FRACTION = 1 / 3
 SPLIT_SEED = 20250423  # fixed once; changing it changes which templates the evaluation holds out
-IGNORE_INDEX = -100  # label of a token that carries no loss (the prompt)
+IGNORE_INDEX = -100
+# template_split()["held_out"], recorded so a machine without reasoning-gym can check exported items (a test
+# keeps the two equal)
+HELD_OUT = (0, 1, 4, 5, 7, 9, 10, 11, 14, 16, 24, 26, 36, 40, 41, 44, 45, 46, 51, 55, 56, 67, 70, 71, 78, 88, 94, 95)  # label of a token that carries no loss (the prompt)
 
 
 def _gsm():
@@ -97,6 +103,9 @@ def gsm_items(split: str, n: int, seed: int = 0) -> list[Trace]:
         raise ValueError(f"n must be a positive int, got {n!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    exported = os.environ.get(ITEMS_DIR_ENV)
+    if exported and (Path(exported) / items_file_name(split, n, seed)).is_file():
+        return read_items(Path(exported) / items_file_name(split, n, seed))
     reasoning_gym, _ = _gsm()
     allowed = set(template_split()[split])
     out: list[Trace] = []
@@ -117,6 +126,32 @@ def gsm_items(split: str, n: int, seed: int = 0) -> list[Trace]:
             if len(out) == n:
                 return out
         size *= 2
+
+
+ITEMS_DIR_ENV = "EFFLLM_GSM_ITEMS_DIR"  # a folder of exported items: the GPU machine then needs no reasoning-gym
+
+
+def items_file_name(split: str, n: int, seed: int) -> str:
+    return f"gsm_{split}_n{n}_seed{seed}.jsonl"
+
+
+def export_items(split: str, n: int, seed: int, folder: str | os.PathLike) -> Path:
+    """Write ``gsm_items(split, n, seed)`` as JSON lines into ``folder``; ``gsm_items`` reads it back (instead of
+    drawing from reasoning-gym) when ``$EFFLLM_GSM_ITEMS_DIR`` names that folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / items_file_name(split, n, seed)
+    path.write_text("".join(json.dumps(asdict(t)) + "\n" for t in gsm_items(split, n, seed)))
+    return path
+
+
+def read_items(path: Path) -> list[Trace]:
+    items = [Trace(**json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+    held = set(HELD_OUT)
+    split = "held_out" if "_held_out_" in path.name else "train"
+    if any((t.template in held) != (split == "held_out") for t in items):
+        raise ValueError(f"{path}: items from the other split's templates (a stale or edited export)")
+    return items
 
 
 def _accuracy(completion: str, gold: str) -> float:

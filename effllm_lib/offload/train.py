@@ -11,6 +11,7 @@ named with ``--tag`` so a GPU run never overwrites a CPU one):
 5. ``grpo --model runs/sft_tags/final --big qwen.gguf --out runs/grpo``.
 6. ``eval --mode tags --model runs/grpo/final --big qwen.gguf``: accuracy and offload fraction.
 
+On a machine without reasoning-gym, ``export-items`` here first and set ``$EFFLLM_GSM_ITEMS_DIR`` there.
 Model specs: a packaged name (smollm2-135m, qwen2.5-1.5b), a ``.gguf`` file or a transformers folder.
 """
 
@@ -142,6 +143,15 @@ def cmd_eval(ns) -> int:
     return 0
 
 
+def cmd_export_items(ns) -> int:
+    from .sft_data import export_items
+
+    for spec in ns.items:
+        split, n, seed = spec.split(":")
+        print(export_items(split, int(n), int(seed), ns.out_dir))
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     from .train_grpo import GRPOSetup
     from .train_sft import SFTConfig
@@ -183,6 +193,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=6, help="gap: tokens per window")
     p.add_argument("--max-new-tokens", type=int, default=256, help="llm: annotator answer length")
     p.set_defaults(func=cmd_annotate)
+
+    p = sub.add_parser("export-items", help="write gsm items as JSON lines (the GPU machine then needs no "
+                                            "reasoning-gym; point $EFFLLM_GSM_ITEMS_DIR at the folder)")
+    p.add_argument("--out-dir", required=True)
+    p.add_argument("items", nargs="+", help="split:n:seed, e.g. train:4000:0 held_out:1000:0")
+    p.set_defaults(func=cmd_export_items)
 
     p = sub.add_parser("eval", help="held-out accuracy, alone or through the controller")
     common(p)
