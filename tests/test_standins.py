@@ -1,0 +1,39 @@
+import pandas as pd
+import pytest
+
+from effllm_lib import results, standins
+
+
+@pytest.fixture
+def committed(tmp_data, monkeypatch):
+    monkeypatch.setenv("EFFLLM_COMMIT", "b" * 40)
+    monkeypatch.setenv("EFFLLM_DIRTY", "0")
+    results.save(pd.DataFrame({"mode": ["small only", "big only", "random 5%", "random 10%"],
+                               "pass@1": [0.01, 0.5, 0.02, 0.03], "ci_lo": [0.0, 0.4, 0.0, 0.01],
+                               "ci_hi": [0.02, 0.6, 0.04, 0.05], "big_token_pct": [0, 100, 6.8, 13.4]}),
+                 "splitreason", "controller_modes_gpu", scale="full")
+    results.save(pd.DataFrame({"coverage": [0.0, 0.05], "pipelined_s": [1000.0, 1290.0],
+                               "big_only_s": [6400.0, 6400.0], "speedup": [6.4, 4.96]}),
+                 "splitreason", "simulator_our_pair", scale="full")
+    rows = []
+    for layer, count, avx, amx in (("q", 2, 100.0, 80.0), ("down", 1, 300.0, 200.0)):
+        for impl, us in (("sparse_avx512", avx), ("sparse_amx", amx), ("torch_bf16", 999.0)):
+            rows.append({"layer": layer, "count_per_decoder_layer": count, "sparsity": 0.5, "tokens": 1,
+                         "impl": impl, "latency_us": us})
+        rows.append({"layer": layer, "count_per_decoder_layer": count, "sparsity": 0.7, "tokens": 1,
+                     "impl": "sparse_amx", "latency_us": 1.0})
+    results.save(pd.DataFrame(rows), "sparamx", "layer_latency_xeon", scale="full")
+
+
+def test_splitreason_rows_are_percent_with_intervals(committed):
+    rows = {r["claim_id"]: r for r in standins.splitreason_rows()}
+    assert rows["acc_random_5p05"]["ours"] == pytest.approx(2.0)
+    assert (rows["acc_random_10"]["ours_lo"], rows["acc_random_10"]["ours_hi"]) == pytest.approx((1.0, 5.0))
+    assert rows["time_splitr32_learned_5_simulated"]["ours"] == 1290.0
+    assert all(r["stand_in"] for r in rows.values())
+
+
+def test_sparamx_ratio_weights_layers_by_count(committed):
+    (row,) = standins.sparamx_rows()
+    # hand-computed: AMX (2*80 + 200) / AVX-512 (2*100 + 300), 70% rows ignored
+    assert row["ours"] == pytest.approx(360 / 500)
