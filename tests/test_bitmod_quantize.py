@@ -474,3 +474,86 @@ def test_calibrated_modes_need_statistics():
     with pytest.raises(ValueError, match="calibration must be"):
         BitMoDConfig(calibration="gptq")
     assert BitMoDConfig(dtype="int_asym", bits=4, clip=True, calibration="awq").label == "int_asym4+clip+awq"
+
+
+# ------------------------------------------------------------------------------------------------ IQ4_NL
+KV = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def best_index_int8(x):
+    """llama.cpp's best_index_int8, transcribed."""
+    if x <= KV[0]:
+        return 0
+    if x >= KV[-1]:
+        return 15
+    lo, hi = 0, 15
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if x < KV[mid]:
+            hi = mid
+        else:
+            lo = mid
+    return hi - 1 if x - KV[hi - 1] < KV[hi] - x else hi
+
+
+def ref_iq4_nl(xb, qw=None):
+    """llama.cpp's quantize_row_iq4_nl_impl for one block of 32 (ntry = 7), scalar loops."""
+    import numpy as np
+    sigma2 = 2 * sum(v * v for v in xb) / len(xb)
+    w = [v * v for v in xb] if qw is None else [q * math.sqrt(sigma2 + v * v) for q, v in zip(qw, xb)]
+    amax, mx = 0.0, 0.0
+    for v in xb:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < 1e-15:
+        return [0.0] * len(xb)
+
+    def fit(inv):
+        sqx = sq2 = 0.0
+        for v, wi in zip(xb, w):
+            q = KV[best_index_int8(inv * v)]
+            sqx += wi * q * v
+            sq2 += wi * q * q
+        return sqx, sq2
+
+    sqx, sq2 = fit(1 / (-mx / KV[0]))
+    d = sqx / sq2
+    best = d * sqx
+    for itry in range(-7, 8):
+        sqx, sq2 = fit((itry + KV[0]) / mx)
+        if sq2 > 0 and sqx * sqx > best * sq2:
+            d = sqx / sq2
+            best = d * sqx
+    d16 = float(np.float16(d))
+    return [d16 * KV[best_index_int8(v / d)] for v in xb]
+
+
+def test_iq4_nl_equals_llama_cpp_transcription():
+    w = weights(rows=3, cols=96, seed=12)
+    got = quantize_tensor(w, 4, "iq4_nl", 128).weight  # the group is fixed at 32
+    gen = torch.Generator().manual_seed(2)
+    qw = torch.rand(96, generator=gen, dtype=torch.float64) + 0.1
+    got_w = quantize_tensor(w, 4, "iq4_nl", 128, col_weight=qw).weight
+    for r in range(3):
+        for j, group in enumerate(groups_of(w[r].tolist(), 32)):
+            assert got[r, 32 * j:32 * j + 32].tolist() == pytest.approx(ref_iq4_nl(group), abs=1e-12)
+            ref = ref_iq4_nl(group, qw[32 * j:32 * j + 32].tolist())
+            assert got_w[r, 32 * j:32 * j + 32].tolist() == pytest.approx(ref, abs=1e-12)
+
+
+def test_iq4_nl_blocks_decode_with_the_gguf_package():
+    """Pack our codes and FP16 scales into GGUF IQ4_NL blocks; gguf's own dequantizer must give our values."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from effllm_lib.bitmod.quantize import _iq4_nl
+    x = weights(rows=8, cols=32, seed=13).float()
+    deq, d16 = _iq4_nl(x)
+    idx = torch.tensor([[KV.index(int(round(v))) for v in row] for row in (deq / d16).tolist()], dtype=torch.uint8)
+    qs = (idx[:, :16] | (idx[:, 16:] << 4)).numpy()
+    blocks = np.concatenate([d16.numpy().astype(np.float16).view(np.uint8).reshape(8, 2), qs], 1)
+    decoded = dequantize(blocks.reshape(-1), GGMLQuantizationType.IQ4_NL)
+    assert np.array_equal(decoded.reshape(8, 32), deq.numpy())
+    assert bits_per_weight("iq4_nl", 4, 128, accounting="fp16") == 4.5
+    assert bits_per_weight("iq4_nl", 4, 128) == 4.25

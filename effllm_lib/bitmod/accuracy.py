@@ -28,9 +28,10 @@ from .. import eval as E
 from .quantize import BitMoDConfig, quantize_
 
 # The methods of the paper's perplexity study (plus the modern micro-scaling baselines), in plotting order.
-METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "nf4", "mxfp", "nvfp", "bitmod")
+METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp", "bitmod")
+FOUR_BIT_ONLY = ("flint", "nf4", "iq4_nl")
 LABELS = {"float": "float (dequantized GGUF)", "int": "INT sym", "int_asym": "INT asym", "fp": "FP",
-          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "mxfp": "MX-FP", "nvfp": "NVFP",
+          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL", "mxfp": "MX-FP", "nvfp": "NVFP",
           "bitmod": "BitMoD"}
 ZERO_SHOT_TASKS = ("physical_intuition", "general_knowledge", "riddle_sense", "social_iqa", "strategyqa",
                    "sports_understanding")
@@ -41,7 +42,7 @@ def configs(methods=METHODS, bits=(3, 4), group_size: int = 128, include_float: 
     out = [None] if include_float else []
     for b in bits:
         for m in methods:
-            if m in ("flint", "nf4") and b != 4:
+            if m in FOUR_BIT_ONLY and b != 4:
                 continue
             out.append(BitMoDConfig(bits=b, group_size=group_size, dtype=m))
     return out
@@ -131,13 +132,13 @@ SETTING = ["model", "corpus", "bits", "clip", "calibration"]
 
 def sweep_configs(methods=METHODS, bits=(3, 4), clips=(False, True), calibrations=("none",),
                   group_size: int = 128) -> list[BitMoDConfig]:
-    """Every method x bits x clipping x calibration (FLINT / NF4 only at 4 bits)."""
+    """Every method x bits x clipping x calibration (FLINT / NF4 / IQ4_NL only at 4 bits)."""
     out = []
     for cal in calibrations:
         for c in clips:
             for b in bits:
                 for m in methods:
-                    if m in ("flint", "nf4") and b != 4:
+                    if m in FOUR_BIT_ONLY and b != 4:
                         continue
                     out.append(BitMoDConfig(bits=b, group_size=group_size, dtype=m, clip=bool(c), calibration=cal))
     return out
@@ -281,6 +282,7 @@ def paired(frames: dict, a: str, b: str, idx: np.ndarray, level: float = 0.95) -
 
 # The paper's orderings: (worse, better) pairs within a setting (same bits, clipping and calibration).
 ORDERINGS = (("ant", "bitmod"), ("olive", "ant"), ("olive", "bitmod"), ("int_asym", "bitmod"), ("nf4", "bitmod"),
+             ("iq4_nl", "bitmod"),
              ("mxfp", "bitmod"), ("nvfp", "bitmod"), ("bitmod", "float"))
 
 

@@ -20,6 +20,8 @@ pass measures the accuracy of the quantized model.
 * ``ant`` - ANT per group: INT4 vs FLINT4 at 4 bits, INT3 vs FP3 at 3 bits (1-bit type id),
 * ``olive`` - OliVe's outlier-victim pairs (see ``_olive``),
 * ``nf4`` - QLoRA's NormalFloat4 (normal quantiles) with an absmax scale (4 bits only),
+* ``iq4_nl`` - llama.cpp's IQ4_NL: group 32, 16 non-uniform int8 levels, an FP16 scale fitted by llama.cpp's own
+  weighted least-squares search (``_iq4_nl``; with ``calibration`` its importance-matrix weighting),
 * ``mxfp`` - MX-FP4 / MX-FP3: group 32, shared power-of-two (E8M0) scale, OCP rounding rule,
 * ``nvfp`` - NVFP4: group 16, FP8-E4M3 block scale under a per-tensor FP32 scale. NVFP3 (the FP3 grid with the
   same scaling) is our extension for a 3-bit point; no such standard format exists.
@@ -59,7 +61,7 @@ from torch import nn
 from . import datatypes as dt
 
 DTYPES = ("int", "int_asym", "fp", "flint", "fp_er_pos", "fp_er_neg", "fp_ea_pos", "fp_ea_neg",
-          "bitmod", "er", "ea", "ant", "olive", "nf4", "mxfp", "nvfp")
+          "bitmod", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp")
 CALIBRATIONS = ("none", "act", "awq")
 # Group-selection methods: the candidate types, in tie-break order.
 _SELECTION = {
@@ -68,7 +70,7 @@ _SELECTION = {
     "ea": lambda b: dt.bitmod_grids(b)[2:],
     "ant": lambda b: (dt.INT4, dt.FLINT4) if b == 4 else (dt.INT3, dt.FP3),
 }
-_FIXED_GROUP = {"mxfp": 32, "nvfp": 16}
+_FIXED_GROUP = {"mxfp": 32, "nvfp": 16, "iq4_nl": 32}
 # The simulator's accounting: 8 metadata bits per group (scale and type id together).
 PAPER_METADATA_BITS = 8
 NVFP_TENSOR_SCALE_BITS = 32
@@ -107,8 +109,8 @@ class BitMoDConfig:
             raise ValueError(f"bits must be 3 or 4, got {self.bits!r}")
         if self.dtype == "flint" and self.bits != 4:
             raise ValueError("FLINT is a 4-bit type (ANT's 3-bit choice is INT3 vs FP3: dtype='ant')")
-        if self.dtype == "nf4" and self.bits != 4:
-            raise ValueError("NF4 is a 4-bit type (there is no standard NF3)")
+        if self.dtype in ("nf4", "iq4_nl") and self.bits != 4:
+            raise ValueError(f"{self.dtype.upper()} is a 4-bit type (there is no standard 3-bit variant)")
         if self.clip not in (True, False):
             raise ValueError(f"clip must be True or False, got {self.clip!r}")
         if self.calibration not in CALIBRATIONS:
@@ -135,8 +137,8 @@ class BitMoDConfig:
 
 
 # ------------------------------------------------------------------------------------------ group quantizers
-# A candidate is a function (x [..., g], ratio) -> dequantized x: one data type whose scale is ``ratio`` times
-# its closed-form (absmax / min-max) scale. ``_search`` keeps, per group, the (candidate, ratio) pair with the
+# A candidate is a function (x [..., g], ratio, importance weights or None) -> dequantized x: one data type whose
+# scale is ``ratio`` times its closed-form (absmax / min-max) scale (only IQ4_NL's own search uses the weights). ``_search`` keeps, per group, the (candidate, ratio) pair with the
 # lowest (optionally activation-weighted) squared error; ratio 1 alone is plain round-to-nearest.
 def _absmax(x: torch.Tensor, values: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
     """Scale = ratio * absmax(group) / max|values|, round to the nearest value (values beyond the clipped range
@@ -237,6 +239,54 @@ NF4 = dt.Grid("nf4", (-1.0, -0.6961928009986877, -0.5250730514526367, -0.3949174
                       0.24611230731010437, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
                       0.7229568362236023, 1.0), 4)
 
+# llama.cpp's IQ4_NL levels (kvalues_iq4nl), and how many scale candidates either side its quantizer tries.
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4_NL_NTRY = 7
+
+
+def _nearest_index_ties_up(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``values``; an exact tie goes to the larger (llama.cpp's
+    best_index_int8)."""
+    return torch.bucketize(y, (values[1:] + values[:-1]) / 2, right=True)
+
+
+def _iq4_nl(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``quantize_row_iq4_nl_impl`` for blocks of 32 (vectorized over groups): per group, with
+    weights w = x^2 (or, given an importance matrix qw, w = qw * sqrt(sigma2 + x^2), sigma2 = 2 mean(x^2)), the
+    scale d = sum(w q x) / sum(w q^2) of the codes q for the absmax-based scale, then of the 2*7+1 scales
+    (itry - 127) / max, keeping the best; codes are re-rounded with the final d, stored as FP16.
+    Returns (dequantized, the FP16 scale d per group)."""
+    values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
+    if importance is None:
+        w = x * x
+    else:
+        sigma2 = 2 * (x * x).mean(-1, keepdim=True)
+        w = importance * torch.sqrt(sigma2 + x * x)
+    amax, arg = x.abs().max(-1, keepdim=True)
+    mx = x.gather(-1, arg)  # the signed value of largest magnitude
+    live = amax > 1e-15
+    safe_mx = torch.where(live, mx, torch.ones_like(mx))
+
+    def fit(inv_scale):
+        q = values[_nearest_index_ties_up(inv_scale * x, values)]
+        return (w * q * x).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)
+
+    sumqx, sumq2 = fit(1 / (-safe_mx / values[0]))
+    d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2)), torch.zeros_like(sumq2))
+    best = d * sumqx
+    for itry in range(-IQ4_NL_NTRY, IQ4_NL_NTRY + 1):
+        sumqx, sumq2 = fit((itry + values[0]) / safe_mx)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d_new = sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2))
+        d = torch.where(better, d_new, d)
+        best = torch.where(better, d_new * sumqx, best)
+    d = torch.where(live, d, torch.zeros_like(d))
+    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    codes = values[_nearest_index_ties_up(inv * x, values)]
+    d16 = d.to(torch.float16).to(x.dtype)
+    return codes * d16, d16
+
+
 # The clipping search's ratios: AWQ's auto_clip grid (max shrink 0.5 in steps of 1/20): 1.0, 0.95, ..., 0.55.
 CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
 
@@ -248,7 +298,7 @@ def _search(x: torch.Tensor, candidates, ratios, weight: torch.Tensor | None):
     best_q = best_err = best_id = None
     for i, cand in enumerate(candidates):
         for r in ratios:
-            q = cand(x, r)
+            q = cand(x, r, weight)
             d = (q - x).pow(2)
             err = (d * weight).mean(-1) if weight is not None else d.mean(-1)
             if best_q is None:
@@ -272,21 +322,23 @@ def _candidates(dtype: str, bits: int, tensor_amax: float) -> tuple[list[Callabl
     """The candidate quantizers of one method, and the scale ratios the method itself always searches
     (None: only what the clipping option asks for)."""
     if dtype in _SELECTION:
-        return [lambda x, r, v=g: _absmax(x, v.tensor(x.device, x.dtype), r) for g in _SELECTION[dtype](bits)], None
+        return [lambda x, r, w, v=g: _absmax(x, v.tensor(x.device, x.dtype), r) for g in _SELECTION[dtype](bits)], None
     if dtype == "int_asym":
-        return [lambda x, r: _int_asym(x, bits, r)], None
+        return [lambda x, r, w: _int_asym(x, bits, r)], None
     if dtype == "olive":
-        return [lambda x, r: _olive(x, bits, r)], _olive_ratios(bits)
+        return [lambda x, r, w: _olive(x, bits, r)], _olive_ratios(bits)
     if dtype in ("mxfp", "nvfp"):
         values = dt.fp_grid(bits).tensor()
         if dtype == "mxfp":
-            return [lambda x, r: _mx(x, values.to(x.device, x.dtype), r)], None
-        return [lambda x, r: _nvfp(x, values.to(x.device, x.dtype), tensor_amax, r)], None
+            return [lambda x, r, w: _mx(x, values.to(x.device, x.dtype), r)], None
+        return [lambda x, r, w: _nvfp(x, values.to(x.device, x.dtype), tensor_amax, r)], None
     if dtype == "nf4":
-        return [lambda x, r: _absmax(x, NF4.tensor(x.device, x.dtype), r)], None
+        return [lambda x, r, w: _absmax(x, NF4.tensor(x.device, x.dtype), r)], None
+    if dtype == "iq4_nl":  # its own scale search; the importance weights are bound per call in quantize_tensor
+        return [lambda x, r, w: _iq4_nl(x, w)[0]], [1.0]
     name = {"int": f"int{bits}", "fp": f"fp{bits}", "flint": "flint4"}.get(dtype, dtype.replace("fp", f"fp{bits}"))
     values = dt.grid(name).tensor()
-    return [lambda x, r: _absmax(x, values.to(x.device, x.dtype), r)], None
+    return [lambda x, r, w: _absmax(x, values.to(x.device, x.dtype), r)], None
 
 
 # ---------------------------------------------------------------------------------------------- one tensor
@@ -362,6 +414,8 @@ def metadata_bits_per_group(dtype: str, bits: int, accounting: str = "paper") ->
         return 8.0  # E8M0 shared exponent
     if dtype == "nvfp":
         return 8.0  # E4M3 block scale (the per-tensor FP32 scale is added per tensor)
+    if dtype == "iq4_nl" and accounting == "fp16":
+        return 16.0  # the FP16 scale of each block of 32 (4.5 bits/weight, as llama.cpp counts it)
     type_id = math.ceil(math.log2(len(_SELECTION[dtype](bits)))) if dtype in _SELECTION else 0
     zero_point = bits if dtype == "int_asym" else 0
     if accounting == "paper":
