@@ -156,9 +156,11 @@ def spread(total: int, k: int | None) -> list[int]:
 def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: int = 2048, bos="auto",
              max_windows: int | None = None, kl_windows: int | None = 64, calibration_windows=None,
              calibration_sample: int = 512, batch_size: int = 1, model_name: str = "", progress: bool = False,
-             log: Callable | None = None) -> pd.DataFrame:
+             log: Callable | None = None, on_config: Callable | None = None) -> pd.DataFrame:
     """One row per (configuration, corpus, window): tokens, nll_sum, kl_sum, top1_same, plus the configuration
-    and its quantization report. The float model is the first configuration (KL 0 by definition)."""
+    and its quantization report. The float model is the first configuration (KL 0 by definition).
+    ``on_config(rows so far)`` runs after each configuration (the CLI saves the partial table there, so a run
+    cut off by a time limit still returns every configuration it finished)."""
     if not texts:
         raise ValueError("texts must name at least one corpus")
     use_bos = E._resolve_bos(tokenizer, bos)
@@ -209,6 +211,8 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
                     f"KL {k / kt:.5f} ({seconds:.1f} s, quant {info['quant_seconds']:.1f} s)")
         if cfg is not None:
             del model
+        if on_config is not None:
+            on_config(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 
@@ -505,12 +509,14 @@ def main(argv=None) -> int:
             ids = tok(Path(args.calib_text).read_text(), add_special_tokens=False)["input_ids"]
             use_bos = E._resolve_bos(tok, "auto")
             calib, _ = E.windows(ids, args.calib_seq_len, tok.bos_token_id if use_bos else None, args.calib_windows)
+        def save_windows(df):
+            results.save(df, "bitmod", f"windows_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
+                         path=out / f"windows_{args.model}{tag}.csv")
+
         df = kl_sweep(base, tok, texts, sweep_configs(methods, bits, clips, calibrations), seq_len=seq_len,
                       max_windows=args.max_windows, kl_windows=args.kl_windows, calibration_windows=calib,
                       calibration_sample=args.calib_sample, batch_size=args.batch_size, model_name=args.model,
-                      log=lambda m: print(m, flush=True))
-        results.save(df, "bitmod", f"windows_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
-                     path=out / f"windows_{args.model}{tag}.csv")
+                      log=lambda m: print(m, flush=True), on_config=save_windows)
         s = summarize(df, n_boot=args.n_boot)
         results.save(s, "bitmod", f"accuracy_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
                       path=out / f"accuracy_{args.model}{tag}.csv")
