@@ -1,4 +1,16 @@
-"""The BitMoD accuracy study: every data type at 3 and 4 bits on a model, perplexity and zero-shot accuracy.
+"""The BitMoD accuracy study: every data type at 3 and 4 bits on a model, KL divergence, perplexity, zero-shot.
+
+Primary measurement (``kl_sweep``, CLI ``--what kl``): every method x bits x clipping x calibration scored on
+ALL windows of the text (next-token NLL) and, on ``kl_windows`` of them, the per-token KL divergence of the
+quantized model's next-token distribution from the float model's; ``summarize`` gives perplexity and KL with
+bootstrap intervals over windows and ``orderings`` the paper's comparisons paired window by window, e.g.
+
+    python -m effllm_lib.bitmod.accuracy --model smollm2-135m --gguf smol.gguf --tokenizer tok \
+        --text wikipedia=wiki.txt --calib-text austen.txt --bits 3 --clip 0,1 --calibration none \
+        --kl-windows 64 --batch-size 8 --matmul-precision high --out OUT --tag w3
+    python -m effllm_lib.bitmod.accuracy --summarize OUT/windows_*.csv --out OUT   # merge several runs
+
+The older per-configuration tables:
 
     df = perplexity_sweep(lambda: load_causal_lm("smollm2-135m"), {"wikipedia": text}, bits=(3, 4))
     claims = claim_rows(df, synthetic, zero_shot)   # scorecard rows for data/paper/bitmod.csv
