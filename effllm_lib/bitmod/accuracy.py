@@ -336,6 +336,16 @@ def orderings(windows_df: pd.DataFrame, pairs=ORDERINGS, n_boot: int = 2000, see
 
 
 # ------------------------------------------------------------------------------------------- the scorecard
+def _model_size(name: str) -> str:
+    """'a 135M model' / 'a 1.8B model' from effllm_lib.models' record of the packaged model (not a guess)."""
+    from ..models import MODELS
+
+    if name not in MODELS:
+        return "a model"
+    n = MODELS[name].params
+    return f"a {n / 1e9:.1f}B model" if n >= 1e9 else f"a {n / 1e6:.0f}M model"
+
+
 # Paper ratios derived from the published round-to-nearest perplexities (papers.md): Llama-2-7B and Phi-2.
 def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None = None,
                zero_shot: pd.DataFrame | None = None, model: str = "smollm2-135m",
@@ -368,8 +378,8 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                          "status": "measured", "reason": f"{model}, {corpus} text, RTN, group 128"})
             rows.append({"claim_id": f"acc_ratio_bitmod_over_float_w{b}", "ours": p["bitmod", b] / fp,
                          "status": "measured",
-                         "reason": f"{model} (a 135M model whose float reference is itself a 4-bit GGUF) vs "
-                                   "Llama-2-7B in the paper"})
+                         "reason": f"{model} ({_model_size(model)} whose float reference is itself a 4-bit "
+                                   "GGUF) vs Llama-2-7B in the paper"})
     if synthetic is not None:
         s = synthetic.set_index(["distribution", "bits", "dtype"]).relative_mse
         for dist, key in (("gaussian", "gauss"), ("laplace", "laplace"), ("student_t3", "t3")):
