@@ -14,6 +14,10 @@ over the text (deterministic), for long texts on a slow machine.
 Multiple choice scores each answer by the summed log-probability of its tokens after the prompt (zero-shot,
 BIG-bench's prompt prefixes) and counts the example right when the best-scoring answer is a gold one;
 ``accuracy_norm`` divides by the answer's length in characters first (lm-eval-harness's acc_norm).
+
+``window_scores`` scores pre-cut windows and, given the float model as ``reference``, the KL divergence of the
+quantized model's next-token distribution from the float one per token (a much lower-variance measure of the
+damage than perplexity: the float model's own uncertainty cancels), per window so it can be bootstrapped.
 """
 
 from __future__ import annotations
@@ -127,6 +131,73 @@ def perplexity(model, tokenizer, text: str, *, seq_len: int | None = None, max_w
     nll = nll_sum / count
     return PerplexityResult(ppl=math.exp(nll), nll=nll, tokens=count, windows=len(chunks), total_windows=total,
                             seq_len=seq_len, bos=use_bos, seconds=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------- KL divergence from a reference
+@dataclass
+class WindowScores:
+    """Per-window sums, so that any statistic can be bootstrapped over windows (tokens within a window are
+    correlated; windows are the resampling unit) and paired across models scored on the same windows."""
+
+    tokens: torch.Tensor  # [n] predicted tokens per window
+    nll_sum: torch.Tensor  # [n] summed next-token negative log-likelihood (nats)
+    kl_sum: torch.Tensor  # [n] summed KL(reference || model) per predicted token (nats); NaN where not computed
+    top1_same: torch.Tensor  # [n] positions where the model's most likely token is the reference's; NaN likewise
+
+
+def _kl_and_agreement(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 512) -> tuple[float, int]:
+    """Summed KL(softmax(ref) || softmax(logits)) over positions, and how many positions share the argmax;
+    positions in chunks to bound the memory of the [positions, vocab] temporaries."""
+    kl, same = 0.0, 0
+    for i in range(0, ref_logits.shape[0], chunk):
+        p_log = torch.log_softmax(ref_logits[i:i + chunk].float(), -1)
+        q_log = torch.log_softmax(logits[i:i + chunk].float(), -1)
+        kl += float((p_log.exp() * (p_log - q_log)).sum())
+        same += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
+    return kl, same
+
+
+@torch.no_grad()
+def window_scores(model, windows: torch.Tensor, reference=None, kl_windows=None, batch_size: int = 1,
+                  progress: bool = True, desc: str = "windows") -> WindowScores:
+    """Next-token NLL of ``model`` on every window of ``windows`` ([n, seq_len] token ids), and where
+    ``reference`` (the float model) is given, the per-token KL divergence of ``model``'s next-token
+    distribution from the reference's, KL(P_ref || P_model) = sum_v p_ref(v) log(p_ref(v) / p_model(v)), as
+    llama.cpp's --kl-divergence reports it. ``kl_windows``: indices of the windows that get the KL (default:
+    all; the reference needs one extra forward pass per KL window)."""
+    if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be a [n, seq_len >= 2] tensor, got {getattr(windows, 'shape', windows)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    n = windows.shape[0]
+    kl_set = set(range(n)) if kl_windows is None else {int(i) for i in kl_windows}
+    if reference is None:
+        kl_set = set()
+    if any(not 0 <= i < n for i in kl_set):
+        raise ValueError(f"kl_windows must index the {n} windows")
+    from tqdm.auto import tqdm
+
+    model.eval()
+    if reference is not None:
+        reference.eval()
+    device = _device(model)
+    nan = float("nan")
+    out = WindowScores(torch.full((n,), windows.shape[1] - 1, dtype=torch.long), torch.zeros(n, dtype=torch.float64),
+                       torch.full((n,), nan, dtype=torch.float64), torch.full((n,), nan, dtype=torch.float64))
+    # KL windows first, in their own batches, so only they pay the reference's forward pass
+    with_kl, without = sorted(kl_set), [i for i in range(n) if i not in kl_set]
+    batches = ([with_kl[i:i + batch_size] for i in range(0, len(with_kl), batch_size)]
+               + [without[i:i + batch_size] for i in range(0, len(without), batch_size)])
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        x = windows[batch].to(device)
+        logits = model(input_ids=x).logits
+        ref_logits = reference(input_ids=x.to(_device(reference))).logits if batch[0] in kl_set else None
+        for j, w in enumerate(batch):
+            out.nll_sum[w] = float(F.cross_entropy(logits[j, :-1].float(), x[j, 1:], reduction="sum"))
+            if ref_logits is not None:
+                kl, same = _kl_and_agreement(ref_logits[j, :-1].to(logits.device), logits[j, :-1])
+                out.kl_sum[w], out.top1_same[w] = kl, same
+    return out
 
 
 # ---------------------------------------------------------------------------------------- multiple choice

@@ -277,3 +277,283 @@ def test_all_zero_and_low_precision_weights():
     w = weights(rows=2, cols=32).to(torch.bfloat16)
     out = quantize_tensor(w, 4, "bitmod", 32)
     assert out.weight.dtype == torch.bfloat16 and math.isfinite(out.weight.float().sum().item())
+
+
+# ------------------------------------------------------------------------ clipping search and calibration
+CLIP = [1 - i / 20 for i in range(10)]
+
+
+def ref_absmax_ratio(group, values, ratio):
+    amax = max(abs(v) for v in group) * ratio
+    scale = amax / max(abs(v) for v in values)
+    if scale == 0:
+        return [0.0] * len(group)
+    return [nearest(v / scale, values) * scale for v in group]
+
+
+def wmse(a, b, w):
+    return sum(wi * (x - y) ** 2 for x, y, wi in zip(a, b, w)) / len(a)
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("method", ["int", "bitmod", "ant"])
+def test_clip_search_equals_brute_force(method, bits):
+    w = weights(rows=4, cols=80, seed=7)
+    gen = torch.Generator().manual_seed(1)
+    cw = torch.rand(80, generator=gen, dtype=torch.float64) * 3
+    grids = SELECTIONS[method](bits) if method in SELECTIONS else (dt.int_grid(bits),)
+    for col_weight in (None, cw):
+        res = quantize_tensor(w, bits, method, 32, clip=True, col_weight=col_weight)
+        for r in range(4):
+            got = groups_of(res.weight[r].tolist(), 32)
+            cws = groups_of((cw if col_weight is not None else torch.ones(80, dtype=torch.float64)).tolist(), 32)
+            for j, group in enumerate(groups_of(w[r].tolist(), 32)):
+                best = min(((wmse(ref_absmax_ratio(group, g.values, ra), group, cws[j]), i, -ra)
+                            for i, g in enumerate(grids) for ra in CLIP), key=lambda t: t)
+                ref = ref_absmax_ratio(group, grids[best[1]].values, -best[2])
+                assert got[j] == pytest.approx(ref, abs=1e-12)
+                if res.type_ids is not None:
+                    assert res.type_ids[r, j].item() == best[1]
+
+
+def test_clip_int_asym_equals_brute_force():
+    w = weights(rows=3, cols=64, seed=8)
+    res = quantize_tensor(w, 3, "int_asym", 32, clip=True).weight
+    for r in range(3):
+        for j, group in enumerate(groups_of(w[r].tolist(), 32)):
+            cands = []
+            for ra in CLIP:
+                qmax = 7
+                lo, hi = min(group) * ra, max(group) * ra
+                scale = (hi - lo) / qmax
+                zero = min(max(round(-lo / scale), 0), qmax)
+                q = [(min(max(round(v / scale) + zero, 0), qmax) - zero) * scale for v in group]
+                cands.append((mse(q, group), -ra, q))
+            ref = min(cands, key=lambda t: t[:2])[2]
+            assert res[r, 32 * j:32 * j + 32].tolist() == pytest.approx(ref, abs=1e-12)
+
+
+@pytest.mark.parametrize("method", ["int", "int_asym", "fp", "bitmod", "ant", "mxfp", "nvfp", "nf4", "olive"])
+def test_clip_never_hurts_and_usually_helps(method):
+    w = weights(rows=64, cols=128, seed=9, heavy=False).float()
+    e0 = (quantize_tensor(w, 4, method, 128).weight - w).pow(2).mean(-1)
+    e1 = (quantize_tensor(w, 4, method, 128, clip=True).weight - w).pow(2).mean(-1)
+    assert (e1 <= e0 + 1e-12).all()
+    if method == "olive":  # OliVe searches its own scale either way: the option changes nothing
+        assert torch.equal(e0, e1)
+    elif method == "mxfp":
+        # MX's power-of-two scale already saturates the top of the group (absmax / scale in [4, 8) vs FP4's 6);
+        # a ratio >= 0.55 can only halve the scale, which never wins on Gaussian groups
+        assert torch.equal(e0, e1)
+    else:
+        assert (e1 < e0).float().mean() > 0.3
+
+
+def test_uniform_col_weight_changes_nothing_and_weighting_moves_the_choice():
+    w = weights(rows=16, cols=128, seed=10, heavy=False)
+    plain = quantize_tensor(w, 3, "bitmod", 64, clip=True)
+    uniform = quantize_tensor(w, 3, "bitmod", 64, clip=True, col_weight=torch.full((128,), 2.5, dtype=torch.float64))
+    assert torch.equal(plain.weight, uniform.weight) and torch.equal(plain.type_ids, uniform.type_ids)
+    cw = torch.ones(128, dtype=torch.float64)
+    cw[::16] = 100.0  # a few important input channels
+    weighted = quantize_tensor(w, 3, "bitmod", 64, clip=True, col_weight=cw)
+    err = lambda q: ((q - w).pow(2) * cw).sum()  # noqa: E731
+    assert err(weighted.weight) < err(plain.weight)
+    with pytest.raises(ValueError, match="col_weight"):
+        quantize_tensor(w, 3, "bitmod", 64, col_weight=torch.ones(5))
+    with pytest.raises(ValueError, match="non-negative"):
+        quantize_tensor(w, 3, "bitmod", 64, col_weight=-torch.ones(128))
+
+
+def test_nf4_values_and_brute_force():
+    # QLoRA's NF4 code book: 16 values, -1 and 1 at the ends, one exact zero, asymmetric around it
+    from effllm_lib.bitmod.quantize import NF4
+    assert len(NF4.values) == 16 and NF4.values[0] == -1 and NF4.values[-1] == 1 and NF4.values[7] == 0
+    w = weights(rows=3, cols=64, seed=11)
+    got = quantize_tensor(w, 4, "nf4", 32).weight
+    for r in range(3):
+        ref = sum((ref_absmax(g, NF4.values) for g in groups_of(w[r].tolist(), 32)), [])
+        assert got[r].tolist() == pytest.approx(ref, abs=1e-12)
+    with pytest.raises(ValueError, match="NF4"):
+        BitMoDConfig(dtype="nf4", bits=3)
+
+
+def tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=2, n_positions=32)).eval()
+
+
+def test_gpt2_conv1d_layers_are_quantized():
+    from transformers.pytorch_utils import Conv1D
+
+    model = tiny_gpt2()
+    convs = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    assert len(convs) == 8  # c_attn, c_proj, mlp.c_fc, mlp.c_proj per block
+    report = quantize_(model, BitMoDConfig(bits=4, group_size=32, dtype="bitmod"))
+    assert set(convs) | {"lm_head"} == set(report.layers.layer)
+    for name, m in model.named_modules():
+        if isinstance(m, Conv1D):  # Conv1D stores [in, out]: the groups run along in, i.e. down its columns
+            ref = quantize_tensor(convs[name].t().contiguous(), 4, "bitmod", 32).weight.t()
+            assert torch.equal(m.weight, ref), name
+    assert "transformer.wte" in report.skipped and "transformer.wpe" in report.skipped
+    model(torch.tensor([[1, 2, 3]]))
+
+
+def test_unsupported_layer_raises_naming_it():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.fc = nn.Linear(16, 16)
+
+    with pytest.raises(ValueError, match=r"conv \(Conv2d\)"):
+        quantize_(Net(), BitMoDConfig(group_size=16))
+    report = quantize_(Net(), BitMoDConfig(group_size=16, skip=("conv",)))
+    assert list(report.layers.layer) == ["fc"]
+
+
+def test_activation_stats_against_direct_computation():
+    from effllm_lib.bitmod.calibrate import collect_activation_stats
+
+    model = tiny_llama(tie=False, hidden=64)
+    windows = torch.randint(0, 128, (3, 16), generator=torch.Generator().manual_seed(0))
+    stats = collect_activation_stats(model, windows, sample_tokens=12)
+    # the input of layer 0's q/k/v is the normed embedding, computed here by hand
+    layer = model.model.layers[0]
+    x = layer.input_layernorm(model.model.embed_tokens(windows)).reshape(-1, 64)
+    for n in ("q_proj", "k_proj", "v_proj"):
+        st = stats[f"model.layers.0.self_attn.{n}"]
+        assert st.tokens == 48 and st.group == "model.layers.0.self_attn.q_proj"
+        assert torch.allclose(st.sq_mean, x.pow(2).mean(0), rtol=1e-5, atol=1e-7)
+        assert torch.allclose(st.abs_mean, x.abs().mean(0), rtol=1e-5, atol=1e-7)
+        assert st.sample.shape == (12, 64)
+        # every sampled row is one of the real input rows
+        assert all(torch.isclose(x, row, atol=1e-6).all(1).any() for row in st.sample)
+    assert stats["model.layers.0.mlp.up_proj"].group == "model.layers.0.mlp.gate_proj"
+    assert stats["model.layers.0.self_attn.o_proj"].group == "model.layers.0.self_attn.o_proj"
+    assert stats["model.layers.0.mlp.down_proj"].group == "model.layers.0.mlp.down_proj"
+    assert stats["model.layers.0.mlp.down_proj"].sq_mean.shape == (256,)
+
+
+def test_awq_picks_the_alpha_with_the_lowest_output_error():
+    from effllm_lib.bitmod.calibrate import collect_activation_stats
+    from effllm_lib.bitmod.quantize import AWQ_ALPHAS
+
+    model = tiny_llama(tie=False, hidden=64)
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(1))
+    stats = collect_activation_stats(model, windows, sample_tokens=64)
+    name = "model.layers.1.mlp.down_proj"
+    w0 = model.get_submodule(name).weight.detach().clone()
+    report = quantize_(model, BitMoDConfig(bits=3, group_size=64, dtype="int", calibration="awq"), calibration=stats)
+    st = stats[name]
+    x = st.sample
+
+    def out_err(wq):
+        return float((x @ (wq - w0).t()).pow(2).mean())
+
+    errs = []
+    for a in AWQ_ALPHAS:  # the search by hand: s = mean|x|^a normalised by sqrt(max * min)
+        s = st.abs_mean.pow(a).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        errs.append(out_err(quantize_tensor(w0 * s, 3, "int", 64).weight / s))
+    alpha = report.layers.set_index("layer").awq_alpha[name]
+    assert alpha == AWQ_ALPHAS[min(range(len(errs)), key=errs.__getitem__)]
+    got = out_err(model.get_submodule(name).weight.detach())
+    assert got == pytest.approx(min(errs), rel=1e-5) and got <= errs[0]  # alpha 0 is plain round to nearest
+    assert report.layers.awq_alpha.notna().all()
+
+
+def test_calibrated_modes_need_statistics():
+    model = tiny_llama(hidden=64)
+    with pytest.raises(ValueError, match="needs activation statistics"):
+        quantize_(model, BitMoDConfig(group_size=64, calibration="act"))
+    with pytest.raises(ValueError, match="no calibration statistics"):
+        quantize_(model, BitMoDConfig(group_size=64, calibration="act"), calibration={})
+    with pytest.raises(ValueError, match="calibration must be"):
+        BitMoDConfig(calibration="gptq")
+    assert BitMoDConfig(dtype="int_asym", bits=4, clip=True, calibration="awq").label == "int_asym4+clip+awq"
+
+
+# ------------------------------------------------------------------------------------------------ IQ4_NL
+KV = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+
+
+def best_index_int8(x):
+    """llama.cpp's best_index_int8, transcribed."""
+    if x <= KV[0]:
+        return 0
+    if x >= KV[-1]:
+        return 15
+    lo, hi = 0, 15
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if x < KV[mid]:
+            hi = mid
+        else:
+            lo = mid
+    return hi - 1 if x - KV[hi - 1] < KV[hi] - x else hi
+
+
+def ref_iq4_nl(xb, qw=None):
+    """llama.cpp's quantize_row_iq4_nl_impl for one block of 32 (ntry = 7), scalar loops."""
+    import numpy as np
+    sigma2 = 2 * sum(v * v for v in xb) / len(xb)
+    w = [v * v for v in xb] if qw is None else [q * math.sqrt(sigma2 + v * v) for q, v in zip(qw, xb)]
+    amax, mx = 0.0, 0.0
+    for v in xb:
+        if abs(v) > amax:
+            amax, mx = abs(v), v
+    if amax < 1e-15:
+        return [0.0] * len(xb)
+
+    def fit(inv):
+        sqx = sq2 = 0.0
+        for v, wi in zip(xb, w):
+            q = KV[best_index_int8(inv * v)]
+            sqx += wi * q * v
+            sq2 += wi * q * q
+        return sqx, sq2
+
+    sqx, sq2 = fit(1 / (-mx / KV[0]))
+    d = sqx / sq2
+    best = d * sqx
+    for itry in range(-7, 8):
+        sqx, sq2 = fit((itry + KV[0]) / mx)
+        if sq2 > 0 and sqx * sqx > best * sq2:
+            d = sqx / sq2
+            best = d * sqx
+    d16 = float(np.float16(d))
+    return [d16 * KV[best_index_int8(v / d)] for v in xb]
+
+
+def test_iq4_nl_equals_llama_cpp_transcription():
+    w = weights(rows=3, cols=96, seed=12)
+    got = quantize_tensor(w, 4, "iq4_nl", 128).weight  # the group is fixed at 32
+    gen = torch.Generator().manual_seed(2)
+    qw = torch.rand(96, generator=gen, dtype=torch.float64) + 0.1
+    got_w = quantize_tensor(w, 4, "iq4_nl", 128, col_weight=qw).weight
+    for r in range(3):
+        for j, group in enumerate(groups_of(w[r].tolist(), 32)):
+            assert got[r, 32 * j:32 * j + 32].tolist() == pytest.approx(ref_iq4_nl(group), abs=1e-12)
+            ref = ref_iq4_nl(group, qw[32 * j:32 * j + 32].tolist())
+            assert got_w[r, 32 * j:32 * j + 32].tolist() == pytest.approx(ref, abs=1e-12)
+
+
+def test_iq4_nl_blocks_decode_with_the_gguf_package():
+    """Pack our codes and FP16 scales into GGUF IQ4_NL blocks; gguf's own dequantizer must give our values."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    from effllm_lib.bitmod.quantize import _iq4_nl
+    x = weights(rows=8, cols=32, seed=13).float()
+    deq, d16 = _iq4_nl(x)
+    idx = torch.tensor([[KV.index(int(round(v))) for v in row] for row in (deq / d16).tolist()], dtype=torch.uint8)
+    qs = (idx[:, :16] | (idx[:, 16:] << 4)).numpy()
+    blocks = np.concatenate([d16.numpy().astype(np.float16).view(np.uint8).reshape(8, 2), qs], 1)
+    decoded = dequantize(blocks.reshape(-1), GGMLQuantizationType.IQ4_NL)
+    assert np.array_equal(decoded.reshape(8, 32), deq.numpy())
+    assert bits_per_weight("iq4_nl", 4, 128, accounting="fp16") == 4.5
+    assert bits_per_weight("iq4_nl", 4, 128) == 4.25

@@ -155,3 +155,47 @@ def test_pretokenized_ids_give_the_same_result():
     a = E.perplexity(model, tok, TEXT, seq_len=16, progress=False)
     b = E.perplexity(model, tok, "", seq_len=16, progress=False, token_ids=tok(TEXT, add_special_tokens=False)["input_ids"])
     assert a.ppl == b.ppl and a.tokens == b.tokens
+
+
+# ------------------------------------------------------------------------------------------ KL divergence
+def reference_window_scores(model, ref, window):
+    """Position by position on the growing prefix, in float64, KL summed over the vocabulary by a loop."""
+    nll = kl = 0.0
+    same = 0
+    for t in range(1, len(window)):
+        with torch.no_grad():
+            q = torch.log_softmax(model(input_ids=torch.tensor([window[:t]])).logits[0, -1].double(), -1)
+            p = torch.log_softmax(ref(input_ids=torch.tensor([window[:t]])).logits[0, -1].double(), -1)
+        nll -= q[window[t]].item()
+        kl += sum(math.exp(p[v].item()) * (p[v].item() - q[v].item()) for v in range(p.numel()))
+        same += int(p.argmax() == q.argmax())
+    return nll, kl, same
+
+
+def test_window_scores_equal_brute_force_kl():
+    ref, model = tiny_llama(seed=0), tiny_llama(seed=0)
+    with torch.no_grad():  # a perturbed copy: what quantization does
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    windows = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    res = E.window_scores(model, windows, reference=ref, kl_windows=[0, 2], batch_size=2, progress=False)
+    assert res.tokens.tolist() == [8, 8, 8]
+    for w in range(3):
+        nll, kl, same = reference_window_scores(model, ref, windows[w].tolist())
+        assert res.nll_sum[w].item() == pytest.approx(nll, rel=1e-5)
+        if w == 1:
+            assert math.isnan(res.kl_sum[w]) and math.isnan(res.top1_same[w])
+        else:
+            assert res.kl_sum[w].item() == pytest.approx(kl, rel=1e-4, abs=1e-7) and kl > 0
+            assert res.top1_same[w].item() == same
+    # the reference against itself: KL 0, every argmax the same
+    self_kl = E.window_scores(ref, windows, reference=ref, progress=False)
+    assert self_kl.kl_sum.abs().max() < 1e-5 and self_kl.top1_same.tolist() == [8, 8, 8]
+
+
+def test_window_scores_bad_input():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="windows"):
+        E.window_scores(model, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="kl_windows"):
+        E.window_scores(model, torch.zeros(2, 4, dtype=torch.long), reference=model, kl_windows=[5])

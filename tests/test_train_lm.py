@@ -47,3 +47,46 @@ def test_bad_input_raises():
         T.TrainConfig(heldout_fraction=1.5).check()
     with pytest.raises(ValueError, match="tokens"):
         T.train("a b\n\nc d", ByteTokenizer(), TINY, progress=False)
+
+
+def test_resumed_training_equals_one_uninterrupted_run(tmp_path):
+    cfg = T.TrainConfig(**{**T.asdict(TINY), "steps": 12})
+    whole = T.train(TEXT, ByteTokenizer(), cfg, out=tmp_path / "a", progress=False)
+    # stop after the first step of each call (max_minutes 0), resume until done
+    stop = T.TrainConfig(**{**T.asdict(cfg), "max_minutes": 0.0})
+    r = T.train(TEXT, ByteTokenizer(), stop, out=tmp_path / "b", progress=False)
+    calls = 1
+    while r.stopped_early:
+        assert (tmp_path / "b" / T.CHECKPOINT).is_file()
+        r = T.train(TEXT, ByteTokenizer(), stop, out=tmp_path / "b", progress=False, resume=True)
+        calls += 1
+    assert calls == 12 and not (tmp_path / "b" / T.CHECKPOINT).exists()
+    assert [x["loss"] for x in r.log] == pytest.approx([x["loss"] for x in whole.log], rel=1e-5)
+    for p, q in zip(r.model.parameters(), whole.model.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+
+
+def test_resume_needs_a_checkpoint_and_the_same_config(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        T.train(TEXT, ByteTokenizer(), TINY, out=tmp_path, progress=False, resume=True)
+    stop = T.TrainConfig(**{**T.asdict(TINY), "max_minutes": 0.0})
+    T.train(TEXT, ByteTokenizer(), stop, out=tmp_path, progress=False)
+    other = T.TrainConfig(**{**T.asdict(stop), "lr": 5e-3})
+    with pytest.raises(ValueError, match="another TrainConfig"):
+        T.train(TEXT, ByteTokenizer(), other, out=tmp_path, progress=False, resume=True)
+
+
+def test_100m_preset_size():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    class Tok:  # SmolLM2's vocabulary size and special ids, without loading it
+        bos_token_id, eos_token_id, pad_token_id = 1, 2, None
+
+        def __len__(self):
+            return 49152
+
+    cfg = T.llama_config(T.PRESETS["100m"], Tok())
+    assert isinstance(cfg, LlamaConfig)
+    with torch.device("meta"):
+        n = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
+    assert 100e6 < n < 130e6

@@ -1,4 +1,16 @@
-"""The BitMoD accuracy study: every data type at 3 and 4 bits on a model, perplexity and zero-shot accuracy.
+"""The BitMoD accuracy study: every data type at 3 and 4 bits on a model, KL divergence, perplexity, zero-shot.
+
+Primary measurement (``kl_sweep``, CLI ``--what kl``): every method x bits x clipping x calibration scored on
+ALL windows of the text (next-token NLL) and, on ``kl_windows`` of them, the per-token KL divergence of the
+quantized model's next-token distribution from the float model's; ``summarize`` gives perplexity and KL with
+bootstrap intervals over windows and ``orderings`` the paper's comparisons paired window by window, e.g.
+
+    python -m effllm_lib.bitmod.accuracy --model smollm2-135m --gguf smol.gguf --tokenizer tok \
+        --text wikipedia=wiki.txt --calib-text austen.txt --bits 3 --clip 0,1 --calibration none \
+        --kl-windows 64 --batch-size 8 --matmul-precision high --out OUT --tag w3
+    python -m effllm_lib.bitmod.accuracy --summarize OUT/windows_*.csv --out OUT   # merge several runs
+
+The older per-configuration tables:
 
     df = perplexity_sweep(lambda: load_causal_lm("smollm2-135m"), {"wikipedia": text}, bits=(3, 4))
     claims = claim_rows(df, synthetic, zero_shot)   # scorecard rows for data/paper/bitmod.csv
@@ -18,6 +30,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import math
+
+import numpy as np
 import pandas as pd
 import torch
 
@@ -25,9 +40,10 @@ from .. import eval as E
 from .quantize import BitMoDConfig, quantize_
 
 # The methods of the paper's perplexity study (plus the modern micro-scaling baselines), in plotting order.
-METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "mxfp", "nvfp", "bitmod")
+METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp", "bitmod")
+FOUR_BIT_ONLY = ("flint", "nf4", "iq4_nl")
 LABELS = {"float": "float (dequantized GGUF)", "int": "INT sym", "int_asym": "INT asym", "fp": "FP",
-          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "mxfp": "MX-FP", "nvfp": "NVFP",
+          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL", "mxfp": "MX-FP", "nvfp": "NVFP",
           "bitmod": "BitMoD"}
 ZERO_SHOT_TASKS = ("physical_intuition", "general_knowledge", "riddle_sense", "social_iqa", "strategyqa",
                    "sports_understanding")
@@ -38,7 +54,7 @@ def configs(methods=METHODS, bits=(3, 4), group_size: int = 128, include_float: 
     out = [None] if include_float else []
     for b in bits:
         for m in methods:
-            if m == "flint" and b != 4:
+            if m in FOUR_BIT_ONLY and b != 4:
                 continue
             out.append(BitMoDConfig(bits=b, group_size=group_size, dtype=m))
     return out
@@ -117,7 +133,219 @@ def accuracy_loss(zero_shot: pd.DataFrame, dtype: str = "bitmod", bits: int = 4)
     return out.reset_index()
 
 
+# ------------------------------------------------------------------- KL and perplexity, per window, with intervals
+# The primary measurement: for every configuration, per window of the text, the summed next-token NLL (all
+# windows) and the summed KL divergence from the float model (``kl_windows`` of them, spread over the text).
+# Statistics are ratios of sums over windows; intervals come from resampling windows (a cluster bootstrap:
+# tokens within a window are correlated), with the SAME resamples for every configuration, so a comparison of
+# two configurations is paired window by window.
+SETTING = ["model", "corpus", "bits", "clip", "calibration"]
+
+
+def sweep_configs(methods=METHODS, bits=(3, 4), clips=(False, True), calibrations=("none",),
+                  group_size: int = 128) -> list[BitMoDConfig]:
+    """Every method x bits x clipping x calibration (FLINT / NF4 / IQ4_NL only at 4 bits)."""
+    out = []
+    for cal in calibrations:
+        for c in clips:
+            for b in bits:
+                for m in methods:
+                    if m in FOUR_BIT_ONLY and b != 4:
+                        continue
+                    out.append(BitMoDConfig(bits=b, group_size=group_size, dtype=m, clip=bool(c), calibration=cal))
+    return out
+
+
+def spread(total: int, k: int | None) -> list[int]:
+    """``k`` window indices spread evenly over ``total`` (all of them when k is None or >= total)."""
+    if k is None or k >= total:
+        return list(range(total))
+    if k < 1:
+        raise ValueError(f"need at least one window, got {k}")
+    return sorted(set(torch.linspace(0, total - 1, k).round().long().tolist()))
+
+
+def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: int = 2048, bos="auto",
+             max_windows: int | None = None, kl_windows: int | None = 64, calibration_windows=None,
+             calibration_sample: int = 512, batch_size: int = 1, model_name: str = "", progress: bool = False,
+             log: Callable | None = None, on_config: Callable | None = None) -> pd.DataFrame:
+    """One row per (configuration, corpus, window): tokens, nll_sum, kl_sum, top1_same, plus the configuration
+    and its quantization report. The float model is the first configuration (KL 0 by definition).
+    ``on_config(rows so far)`` runs after each configuration (the CLI saves the partial table there, so a run
+    cut off by a time limit still returns every configuration it finished)."""
+    if not texts:
+        raise ValueError("texts must name at least one corpus")
+    use_bos = E._resolve_bos(tokenizer, bos)
+    windows, kl_idx = {}, {}
+    for corpus, text in texts.items():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        windows[corpus], total = E.windows(ids, seq_len, tokenizer.bos_token_id if use_bos else None, max_windows)
+        kl_idx[corpus] = spread(len(windows[corpus]), kl_windows)
+        if log:
+            log(f"{corpus}: {len(windows[corpus])} of {total} windows of {seq_len} tokens, KL on {len(kl_idx[corpus])}")
+    stats = None
+    if any(c.calibration != "none" for c in configs_list):
+        if calibration_windows is None:
+            raise ValueError("calibrated configurations need calibration_windows (token ids of calibration text)")
+        from .calibrate import collect_activation_stats
+
+        start = time.perf_counter()
+        stats = collect_activation_stats(base, calibration_windows, sample_tokens=calibration_sample)
+        if log:
+            log(f"calibration: {calibration_windows.numel()} tokens, {time.perf_counter() - start:.1f} s")
+    rows = []
+    for cfg in [None, *configs_list]:
+        if cfg is None:
+            model, report = base, None
+        else:
+            model = copy.deepcopy(base)
+            report = quantize_(model, cfg, calibration=stats)
+        info = {"config": "float" if cfg is None else cfg.label, **_report_fields(cfg, report),
+                "clip": bool(cfg.clip) if cfg else False, "calibration": cfg.calibration if cfg else "none"}
+        for corpus, win in windows.items():
+            start = time.perf_counter()
+            if cfg is None:  # the reference itself: KL 0, every argmax the same
+                sc = E.window_scores(model, win, batch_size=batch_size, progress=progress, desc=f"float {corpus}")
+                for i in kl_idx[corpus]:
+                    sc.kl_sum[i], sc.top1_same[i] = 0.0, float(sc.tokens[i])
+            else:
+                sc = E.window_scores(model, win, reference=base, kl_windows=kl_idx[corpus], batch_size=batch_size,
+                                     progress=progress, desc=f"{cfg.label} {corpus}")
+            seconds = time.perf_counter() - start
+            for w in range(len(win)):
+                rows.append({"model": model_name, "corpus": corpus, **info, "window": w,
+                             "tokens": int(sc.tokens[w]), "nll_sum": float(sc.nll_sum[w]),
+                             "kl_sum": float(sc.kl_sum[w]), "top1_same": float(sc.top1_same[w])})
+            if log:
+                n, k = sc.tokens.sum().item(), sc.kl_sum.nan_to_num(0).sum().item()
+                kt = sc.tokens[kl_idx[corpus]].sum().item()
+                log(f"{info['config']:>24} {corpus:>10} ppl {math.exp(sc.nll_sum.sum().item() / n):8.3f} "
+                    f"KL {k / kt:.5f} ({seconds:.1f} s, quant {info['quant_seconds']:.1f} s)")
+        if cfg is not None:
+            del model
+        if on_config is not None:
+            on_config(pd.DataFrame(rows))
+    return pd.DataFrame(rows)
+
+
+def _boot_idx(n: int, n_boot: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
+
+
+def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
+    a = (1 - level) / 2
+    return float(np.quantile(samples, a)), float(np.quantile(samples, 1 - a))
+
+
+def _setting_frames(windows_df: pd.DataFrame):
+    """(setting key, {config: per-window frame sorted by window}) for every model x corpus."""
+    for key, df in windows_df.groupby(["model", "corpus"], sort=False):
+        yield key, {c: g.sort_values("window") for c, g in df.groupby("config", sort=False)}
+
+
+def summarize(windows_df: pd.DataFrame, n_boot: int = 2000, seed: int = 0, level: float = 0.95) -> pd.DataFrame:
+    """Per model x corpus x configuration: perplexity over all windows and mean per-token KL over the KL
+    windows, each with a percentile bootstrap interval over windows; top-1 agreement with the float model."""
+    rows = []
+    for (model, corpus), frames in _setting_frames(windows_df):
+        n = len(next(iter(frames.values())))
+        idx = _boot_idx(n, n_boot, seed)
+        for config, g in frames.items():
+            if len(g) != n:
+                raise ValueError(f"{model} {corpus}: {config} has {len(g)} windows, others {n}")
+            tok, nll = g.tokens.to_numpy(float), g.nll_sum.to_numpy()
+            kl_mask = ~np.isnan(g.kl_sum.to_numpy())
+            kl, top1 = np.nan_to_num(g.kl_sum.to_numpy()), np.nan_to_num(g.top1_same.to_numpy())
+            ktok = tok * kl_mask
+            boot_ppl = np.exp(nll[idx].sum(1) / tok[idx].sum(1))
+            with np.errstate(invalid="ignore", divide="ignore"):
+                boot_kl = kl[idx].sum(1) / ktok[idx].sum(1)
+            first = g.iloc[0]
+            rows.append({"model": model, "corpus": corpus, "config": config,
+                         **{k: first[k] for k in ("dtype", "bits", "clip", "calibration", "group_size",
+                                                  "bits_per_weight", "weight_mse", "quant_seconds")},
+                         "ppl": math.exp(nll.sum() / tok.sum()), **dict(zip(("ppl_lo", "ppl_hi"), _interval(boot_ppl, level))),
+                         "kl": kl.sum() / ktok.sum(), **dict(zip(("kl_lo", "kl_hi"), _interval(boot_kl[~np.isnan(boot_kl)], level))),
+                         "top1_agreement": top1.sum() / ktok.sum(), "windows": n, "kl_windows": int(kl_mask.sum()),
+                         "tokens": int(tok.sum()), "kl_tokens": int(ktok.sum())})
+    return pd.DataFrame(rows)
+
+
+def paired(frames: dict, a: str, b: str, idx: np.ndarray, level: float = 0.95) -> dict:
+    """Config ``a`` against ``b`` on the same windows: perplexity ratio a/b and KL difference a - b, each with
+    its paired bootstrap interval, and which way each interval decides (">" a worse, "<" a better, "~" neither)."""
+    ga, gb = frames[a], frames[b]
+    if not np.array_equal(ga.window.to_numpy(), gb.window.to_numpy()):
+        raise ValueError(f"{a} and {b} were not scored on the same windows")
+    tok = ga.tokens.to_numpy(float)
+    na, nb = ga.nll_sum.to_numpy(), gb.nll_sum.to_numpy()
+    ratio = math.exp((na.sum() - nb.sum()) / tok.sum())
+    boot = np.exp((na[idx].sum(1) - nb[idx].sum(1)) / tok[idx].sum(1))
+    lo, hi = _interval(boot, level)
+    ka, kb = ga.kl_sum.to_numpy(), gb.kl_sum.to_numpy()
+    m = ~(np.isnan(ka) | np.isnan(kb))
+    ktok = tok * m
+    ka, kb = np.nan_to_num(ka), np.nan_to_num(kb)
+    diff = (ka.sum() - kb.sum()) / ktok.sum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        kboot = (ka[idx].sum(1) - kb[idx].sum(1)) / ktok[idx].sum(1)
+    klo, khi = _interval(kboot[~np.isnan(kboot)], level)
+    verdict = lambda lo_, hi_, null: ">" if lo_ > null else "<" if hi_ < null else "~"  # noqa: E731
+    return {"a": a, "b": b, "ppl_ratio": ratio, "ppl_ratio_lo": lo, "ppl_ratio_hi": hi,
+            "ppl_verdict": verdict(lo, hi, 1.0), "kl_diff": diff, "kl_diff_lo": klo, "kl_diff_hi": khi,
+            "kl_verdict": verdict(klo, khi, 0.0)}
+
+
+# The paper's orderings: (worse, better) pairs within a setting (same bits, clipping and calibration).
+ORDERINGS = (("ant", "bitmod"), ("olive", "ant"), ("olive", "bitmod"), ("int_asym", "bitmod"), ("nf4", "bitmod"),
+             ("iq4_nl", "bitmod"),
+             ("mxfp", "bitmod"), ("nvfp", "bitmod"), ("bitmod", "float"))
+
+
+def orderings(windows_df: pd.DataFrame, pairs=ORDERINGS, n_boot: int = 2000, seed: int = 0,
+              level: float = 0.95) -> pd.DataFrame:
+    """Every pair of ``pairs`` in every setting (model, corpus, bits, clip, calibration) that holds both, plus
+    each method with clipping against itself without, and calibrated against round to nearest."""
+    rows = []
+    for (model, corpus), frames in _setting_frames(windows_df):
+        n = len(next(iter(frames.values())))
+        idx = _boot_idx(n, n_boot, seed)
+        meta = {c: g.iloc[0] for c, g in frames.items()}
+        by_setting: dict = {}
+        for c, r in meta.items():
+            if c != "float":
+                by_setting.setdefault((int(r["bits"]), bool(r["clip"]), r["calibration"]), {})[r["dtype"]] = c
+        for (bits, clip, cal), cfgs in sorted(by_setting.items()):
+            for a, b in pairs:
+                ca = cfgs.get(a)
+                cb = "float" if b == "float" and "float" in frames else cfgs.get(b)
+                if ca and cb:
+                    rows.append({"model": model, "corpus": corpus, "bits": bits, "clip": clip, "calibration": cal,
+                                 "comparison": f"{a} vs {b}", **paired(frames, ca, cb, idx, level)})
+            for d, c in cfgs.items():  # each option against the same method without it
+                against = []
+                if clip:
+                    against.append((by_setting.get((bits, False, cal), {}).get(d), "clip vs none"))
+                if cal != "none":
+                    against.append((by_setting.get((bits, clip, "none"), {}).get(d), f"{cal} vs none"))
+                for base, what in against:
+                    if base:
+                        rows.append({"model": model, "corpus": corpus, "bits": bits, "clip": clip, "calibration": cal,
+                                     "comparison": f"{d}: {what}", **paired(frames, c, base, idx, level)})
+    return pd.DataFrame(rows)
+
+
 # ------------------------------------------------------------------------------------------- the scorecard
+def _model_size(name: str) -> str:
+    """'a 135M model' / 'a 1.8B model' from effllm_lib.models' record of the packaged model (not a guess)."""
+    from ..models import MODELS
+
+    if name not in MODELS:
+        return "a model"
+    n = MODELS[name].params
+    return f"a {n / 1e9:.1f}B model" if n >= 1e9 else f"a {n / 1e6:.0f}M model"
+
+
 # Paper ratios derived from the published round-to-nearest perplexities (papers.md): Llama-2-7B and Phi-2.
 def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None = None,
                zero_shot: pd.DataFrame | None = None, model: str = "smollm2-135m",
@@ -150,8 +378,8 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                          "status": "measured", "reason": f"{model}, {corpus} text, RTN, group 128"})
             rows.append({"claim_id": f"acc_ratio_bitmod_over_float_w{b}", "ours": p["bitmod", b] / fp,
                          "status": "measured",
-                         "reason": f"{model} (a 135M model whose float reference is itself a 4-bit GGUF) vs "
-                                   "Llama-2-7B in the paper"})
+                         "reason": f"{model} ({_model_size(model)} whose float reference is itself a 4-bit "
+                                   "GGUF) vs Llama-2-7B in the paper"})
     if synthetic is not None:
         s = synthetic.set_index(["distribution", "bits", "dtype"]).relative_mse
         for dist, key in (("gaussian", "gauss"), ("laplace", "laplace"), ("student_t3", "t3")):
@@ -189,64 +417,155 @@ def load_gguf(gguf: str | Path, tokenizer_dir: str | Path | None = None, device:
     return model.to(device).eval(), tokenizer
 
 
+def _merge_windows(frames: list[pd.DataFrame]) -> pd.DataFrame:
+    """Per-window tables of several runs (e.g. one device call per bit width) as one; the float model, scored
+    by every run, is kept once."""
+    df = pd.concat(frames, ignore_index=True)
+    return df.drop_duplicates(["model", "corpus", "config", "window"], keep="first").reset_index(drop=True)
+
+
+def _load_model(args):
+    if args.model_dir:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32).to(args.device).eval()
+        return model, AutoTokenizer.from_pretrained(args.tokenizer or args.model_dir)
+    return load_gguf(args.gguf, args.tokenizer, args.device)
+
+
 def main(argv=None) -> int:
     from .. import results
-    from .quantize import relative_mse_table
+    from .quantize import CALIBRATIONS, relative_mse_table
 
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True, help="name recorded in the results (e.g. smollm2-135m)")
-    ap.add_argument("--gguf", required=True)
-    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the GGUF's own tokenizer)")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Primary output (--what kl): windows_<model><tag>.csv (per configuration and window: NLL, KL from "
+               "the float model, top-1 agreement), accuracy_<model><tag>.csv (perplexity and KL with bootstrap "
+               "intervals) and orderings_<model><tag>.csv (paired comparisons). --summarize merges the windows "
+               "files of several runs into one accuracy / orderings pair.")
+    ap.add_argument("--model", help="name recorded in the results (e.g. smollm2-135m)")
+    ap.add_argument("--gguf", help="GGUF file of the float model (dequantized by transformers)")
+    ap.add_argument("--model-dir", help="or: a transformers model folder (e.g. one written by effllm_lib.train_lm)")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the GGUF's / model folder's own)")
     ap.add_argument("--text", action="append", default=[], help="corpus=path.txt (repeatable)")
+    ap.add_argument("--calib-text", help="calibration text for --calibration act / awq (not the evaluation text)")
+    ap.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default 64)")
+    ap.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
+    ap.add_argument("--calib-sample", type=int, default=512, help="input rows kept per layer for AWQ's search")
     ap.add_argument("--tasks-dir", help="folder of BIG-bench <task>/task.json files for zero-shot")
-    ap.add_argument("--max-windows", type=int, default=None)
+    ap.add_argument("--max-windows", type=int, default=None, help="evaluation windows (default: all)")
+    ap.add_argument("--kl-windows", type=int, default=64, help="windows (spread over the text) that get the KL")
     ap.add_argument("--max-examples", type=int, default=None)
-    ap.add_argument("--seq-len", type=int, default=None)
+    ap.add_argument("--seq-len", type=int, default=None, help="default: 2048 or the model's maximum")
+    ap.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     ap.add_argument("--out", required=True, help="folder for the results files")
+    ap.add_argument("--tag", default="", help="suffix of the results files (e.g. w3 for one device call)")
+    ap.add_argument("--scale", choices=("ci", "full"), default="full", help="results.save scale")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--what", default="ppl,zeroshot")
-    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated data types of the perplexity sweep")
-    ap.add_argument("--bits", default="3,4", help="bit widths of the perplexity sweep")
+    ap.add_argument("--matmul-precision", choices=("highest", "high"), default="highest",
+                    help="float32 matmuls: 'high' allows TF32 on the GPU (float and quantized models alike)")
+    ap.add_argument("--what", default="kl", help="comma-separated: kl (primary), ppl (old table), zeroshot, "
+                                                 "synthetic")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated data types")
+    ap.add_argument("--bits", default="3,4", help="bit widths")
+    ap.add_argument("--clip", default="0,1", help="clipping search off (0) / on (1), comma-separated")
+    ap.add_argument("--calibration", default="none", help=f"comma-separated, of {', '.join(CALIBRATIONS)}")
     ap.add_argument("--zero-shot-bits", default="4,3", help="bit widths of the zero-shot sweep")
+    ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
+    ap.add_argument("--summarize", nargs="+", metavar="WINDOWS_CSV", help="only merge these windows files")
     args = ap.parse_args(argv)
+    out = Path(args.out)
+    tag = f"_{args.tag}" if args.tag else ""
+    extra = {"library_fingerprint": __import__("effllm_lib.paths", fromlist=["x"]).library_fingerprint()}
+    if args.summarize:
+        frames = [results.read(p) for p in args.summarize]
+        df = _merge_windows(frames)
+        models = sorted(df.model.unique())
+        name = models[0] if len(models) == 1 else "all"
+        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot}
+        s = summarize(df, n_boot=args.n_boot)
+        o = orderings(df, n_boot=args.n_boot)
+        results.save(s, "bitmod", f"accuracy_{name}{tag}", params=params, scale=args.scale, extra=extra,
+                     path=out / f"accuracy_{name}{tag}.csv")
+        results.save(o, "bitmod", f"orderings_{name}{tag}", params=params, scale=args.scale, extra=extra,
+                     path=out / f"orderings_{name}{tag}.csv")
+        print(s[["model", "config", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "kl_lo", "kl_hi"]].to_string())
+        return 0
+    if not args.model or not (args.gguf or args.model_dir):
+        ap.error("--model and one of --gguf / --model-dir are required (or --summarize)")
     methods = tuple(m for m in args.methods.split(",") if m)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
         ap.error(f"unknown method(s) {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    calibrations = tuple(c for c in args.calibration.split(",") if c)
+    if not calibrations or set(calibrations) - set(CALIBRATIONS):
+        ap.error(f"--calibration takes some of {', '.join(CALIBRATIONS)}, got {args.calibration!r}")
+    clips = tuple(sorted({bool(int(c)) for c in args.clip.split(",") if c}))
+    bits = tuple(int(b) for b in args.bits.split(","))
     # every input file is checked before the (slow) model load, so a typo fails in a second, not a minute
-    if not Path(args.gguf).is_file():
+    if args.gguf and not Path(args.gguf).is_file():
         raise FileNotFoundError(f"no GGUF file at {args.gguf}")
+    if args.model_dir and not (Path(args.model_dir) / "config.json").is_file():
+        raise FileNotFoundError(f"no transformers model (config.json) in {args.model_dir}")
     for spec in args.text:
         if "=" not in spec or not Path(spec.split("=", 1)[1]).is_file():
             raise FileNotFoundError(f"--text wants name=path to an existing text file, got {spec!r}")
-    out = Path(args.out)
-    load = lambda: load_gguf(args.gguf, args.tokenizer, args.device)  # noqa: E731
+    if set(calibrations) - {"none"} and not (args.calib_text and Path(args.calib_text).is_file()):
+        raise FileNotFoundError(f"--calibration {args.calibration} needs --calib-text pointing at a text file")
+    if args.device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = args.matmul_precision == "high"
+        torch.backends.cudnn.allow_tf32 = args.matmul_precision == "high"
+    torch.set_float32_matmul_precision(args.matmul_precision)
+    load = lambda: _load_model(args)  # noqa: E731
     what = set(args.what.split(","))
-    params = {k: v for k, v in vars(args).items() if k not in ("out",)}
-    extra = {"library_fingerprint": __import__("effllm_lib.paths", fromlist=["x"]).library_fingerprint()}
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "summarize")}
+    texts = {}
+    for spec in args.text:
+        name, path = spec.split("=", 1)
+        texts[name] = Path(path).read_text()
+    if "kl" in what:
+        base, tok = load()
+        seq_len = args.seq_len or E.model_max_length(base)
+        calib = None
+        if set(calibrations) - {"none"}:
+            ids = tok(Path(args.calib_text).read_text(), add_special_tokens=False)["input_ids"]
+            use_bos = E._resolve_bos(tok, "auto")
+            calib, _ = E.windows(ids, args.calib_seq_len, tok.bos_token_id if use_bos else None, args.calib_windows)
+        def save_windows(df):
+            results.save(df, "bitmod", f"windows_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
+                         path=out / f"windows_{args.model}{tag}.csv")
+
+        df = kl_sweep(base, tok, texts, sweep_configs(methods, bits, clips, calibrations), seq_len=seq_len,
+                      max_windows=args.max_windows, kl_windows=args.kl_windows, calibration_windows=calib,
+                      calibration_sample=args.calib_sample, batch_size=args.batch_size, model_name=args.model,
+                      log=lambda m: print(m, flush=True), on_config=save_windows)
+        s = summarize(df, n_boot=args.n_boot)
+        results.save(s, "bitmod", f"accuracy_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
+                      path=out / f"accuracy_{args.model}{tag}.csv")
+        results.save(orderings(df, n_boot=args.n_boot), "bitmod", f"orderings_{args.model}{tag}", params=params,
+                     scale=args.scale, extra=extra, path=out / f"orderings_{args.model}{tag}.csv")
+        print(s[["corpus", "config", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "kl_lo", "kl_hi"]]
+              .to_string(), flush=True)
+        del base
     if "ppl" in what:
-        texts = {}
-        for spec in args.text:
-            name, path = spec.split("=", 1)
-            texts[name] = Path(path).read_text()
-        df = perplexity_sweep(load, texts, methods=methods, bits=tuple(int(b) for b in args.bits.split(",")),
-                              seq_len=args.seq_len, max_windows=args.max_windows,
-                              model_name=args.model, progress=False, log=lambda m: print(m, flush=True))
-        results.save(df, "bitmod", f"perplexity_{args.model}", params=params, scale="full", extra=extra,
-                     path=out / f"perplexity_{args.model}.csv")
+        df = perplexity_sweep(load, texts, methods=methods, bits=bits, seq_len=args.seq_len,
+                              max_windows=args.max_windows, model_name=args.model, progress=False,
+                              log=lambda m: print(m, flush=True))
+        results.save(df, "bitmod", f"perplexity_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
+                     path=out / f"perplexity_{args.model}{tag}.csv")
         print(df[["corpus", "dtype", "bits", "bits_per_weight", "ppl"]].to_string(), flush=True)
     if "zeroshot" in what and args.tasks_dir:
         tasks = {t: E.bigbench_multiple_choice(json.loads((Path(args.tasks_dir) / t / "task.json").read_text()),
                                                args.max_examples, seed=0) for t in ZERO_SHOT_TASKS}
         df = zero_shot_sweep(load, tasks, bits=tuple(int(b) for b in args.zero_shot_bits.split(",")),
                              model_name=args.model, progress=False, log=lambda m: print(m, flush=True))
-        results.save(df, "bitmod", f"zeroshot_{args.model}", params=params, scale="full", extra=extra,
-                     path=out / f"zeroshot_{args.model}.csv")
+        results.save(df, "bitmod", f"zeroshot_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
+                     path=out / f"zeroshot_{args.model}{tag}.csv")
         print(df[["task", "dtype", "bits", "accuracy", "chance"]].to_string(), flush=True)
     if "synthetic" in what:
         df = relative_mse_table()
         results.save(df, "bitmod", "synthetic_mse", params={"n_groups": 4096, "group_size": 128, "seed": 0},
-                     scale="full", extra=extra, path=out / "synthetic_mse.csv")
+                     scale=args.scale, extra=extra, path=out / "synthetic_mse.csv")
     return 0
 
 

@@ -19,11 +19,31 @@ pass measures the accuracy of the quantized model.
 * ``er`` / ``ea`` - the ablations that choose only between ER+/ER- or EA+/EA- (1-bit type id),
 * ``ant`` - ANT per group: INT4 vs FLINT4 at 4 bits, INT3 vs FP3 at 3 bits (1-bit type id),
 * ``olive`` - OliVe's outlier-victim pairs (see ``_olive``),
+* ``nf4`` - QLoRA's NormalFloat4 (normal quantiles) with an absmax scale (4 bits only),
+* ``iq4_nl`` - llama.cpp's IQ4_NL: group 32, 16 non-uniform int8 levels, an FP16 scale fitted by llama.cpp's own
+  weighted least-squares search (``_iq4_nl``; with ``calibration`` its importance-matrix weighting),
 * ``mxfp`` - MX-FP4 / MX-FP3: group 32, shared power-of-two (E8M0) scale, OCP rounding rule,
 * ``nvfp`` - NVFP4: group 16, FP8-E4M3 block scale under a per-tensor FP32 scale. NVFP3 (the FP3 grid with the
   same scaling) is our extension for a 3-bit point; no such standard format exists.
 
 The MX and NV formats fix their own group size (32 / 16) whatever ``group_size`` says.
+
+Equal treatment (the same options for every ``dtype``):
+
+* ``clip=True`` - per group, the scale is also tried shrunk by each of ``CLIP_RATIOS`` (1.0 ... 0.55, AWQ's
+  clipping grid) and the lowest-error one kept; for selection methods the type and ratio are chosen jointly.
+  OliVe always searches its own normal-range scale (its outlier threshold has no closed form), with or without.
+* ``calibration="act"`` - the type selection and the clipping search minimise the squared error weighted by
+  each input channel's activation second moment on calibration text (an importance matrix, as llama.cpp's
+  imatrix), so the per-group choice approximates the layer-output error rather than the weight error.
+* ``calibration="awq"`` - AWQ's per-input-channel scaling (Lin et al., MLSys 2024): the weight is quantized as
+  ``Q(W diag(s)) diag(s)^-1`` with ``s = mean|x|^alpha``, alpha searched on a 20-point grid for the lowest
+  output error on the calibration activations, one ``s`` shared by the layers that read the same tensor (q/k/v,
+  gate/up) because AWQ folds it into the norm or the previous layer; then as "act" on the scaled weight.
+
+Calibrated modes need ``quantize_(model, cfg, calibration=collect_activation_stats(model, windows))``
+(``effllm_lib.bitmod.calibrate``). ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) are quantized; any other
+layer with a matrix weight (other than embeddings) is an error naming it unless ``skip`` names it.
 """
 
 from __future__ import annotations
@@ -41,7 +61,8 @@ from torch import nn
 from . import datatypes as dt
 
 DTYPES = ("int", "int_asym", "fp", "flint", "fp_er_pos", "fp_er_neg", "fp_ea_pos", "fp_ea_neg",
-          "bitmod", "er", "ea", "ant", "olive", "mxfp", "nvfp")
+          "bitmod", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp")
+CALIBRATIONS = ("none", "act", "awq")
 # Group-selection methods: the candidate types, in tie-break order.
 _SELECTION = {
     "bitmod": lambda b: dt.bitmod_grids(b),
@@ -49,7 +70,7 @@ _SELECTION = {
     "ea": lambda b: dt.bitmod_grids(b)[2:],
     "ant": lambda b: (dt.INT4, dt.FLINT4) if b == 4 else (dt.INT3, dt.FP3),
 }
-_FIXED_GROUP = {"mxfp": 32, "nvfp": 16}
+_FIXED_GROUP = {"mxfp": 32, "nvfp": 16, "iq4_nl": 32}
 # The simulator's accounting: 8 metadata bits per group (scale and type id together).
 PAPER_METADATA_BITS = 8
 NVFP_TENSOR_SCALE_BITS = 32
@@ -66,6 +87,8 @@ class BitMoDConfig:
     quantizing the embedding too. skip: module-name substrings to leave in float. chunk_elements: rows are
     quantized in chunks of about this many weights, which bounds the extra memory. accounting: ``"paper"``
     (8 bits of metadata per group, giving 4.0625 / 3.0625) or ``"fp16"`` (a 16-bit scale plus the type id).
+    clip: the per-group clipping search (``CLIP_RATIOS``). calibration: ``"none"`` (round to nearest), ``"act"``
+    (activation-weighted selection and clipping) or ``"awq"`` (AWQ scaling, then as "act"); see the module doc.
     """
 
     bits: int = 4
@@ -76,6 +99,8 @@ class BitMoDConfig:
     skip: tuple[str, ...] = ()
     chunk_elements: int = 1 << 22
     accounting: str = "paper"
+    clip: bool = False
+    calibration: str = "none"
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -84,6 +109,12 @@ class BitMoDConfig:
             raise ValueError(f"bits must be 3 or 4, got {self.bits!r}")
         if self.dtype == "flint" and self.bits != 4:
             raise ValueError("FLINT is a 4-bit type (ANT's 3-bit choice is INT3 vs FP3: dtype='ant')")
+        if self.dtype in ("nf4", "iq4_nl") and self.bits != 4:
+            raise ValueError(f"{self.dtype.upper()} is a 4-bit type (there is no standard 3-bit variant)")
+        if self.clip not in (True, False):
+            raise ValueError(f"clip must be True or False, got {self.clip!r}")
+        if self.calibration not in CALIBRATIONS:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATIONS)}, got {self.calibration!r}")
         if not isinstance(self.group_size, int) or self.group_size < 2:
             raise ValueError(f"group_size must be an integer >= 2, got {self.group_size!r}")
         if self.dtype == "olive" and self.group_size % 2:
@@ -100,39 +131,32 @@ class BitMoDConfig:
 
     @property
     def label(self) -> str:
-        return f"{self.dtype}{self.bits}"
+        """e.g. ``bitmod3``, ``bitmod3+clip``, ``int_asym4+clip+awq``."""
+        return (f"{self.dtype}{self.bits}" + ("+clip" if self.clip else "")
+                + (f"+{self.calibration}" if self.calibration != "none" else ""))
 
 
 # ------------------------------------------------------------------------------------------ group quantizers
-# Each takes x [..., g] (a batch of groups) and returns (dequantized x, chosen type index per group or None).
-def _absmax(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Scale = absmax(group) / max|values|, round to the nearest value; all-zero groups stay zero."""
+# A candidate is a function (x [..., g], ratio, importance weights or None) -> dequantized x: one data type whose
+# scale is ``ratio`` times its closed-form (absmax / min-max) scale (only IQ4_NL's own search uses the weights). ``_search`` keeps, per group, the (candidate, ratio) pair with the
+# lowest (optionally activation-weighted) squared error; ratio 1 alone is plain round-to-nearest.
+def _absmax(x: torch.Tensor, values: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
+    """Scale = ratio * absmax(group) / max|values|, round to the nearest value (values beyond the clipped range
+    saturate); all-zero groups stay zero."""
     scale = x.abs().amax(-1, keepdim=True) / values.abs().max()
+    if ratio != 1.0:
+        scale = scale * ratio
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     return dt.round_to_values(x / safe, values) * scale
 
 
-def _select(x: torch.Tensor, grids) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per group, the candidate grid with the lowest MSE (strictly lower wins, so ties go to the earlier)."""
-    best_q = best_err = best_id = None
-    for i, g in enumerate(grids):
-        q = _absmax(x, g.tensor(x.device, x.dtype))
-        err = (q - x).pow(2).mean(-1)
-        if best_q is None:
-            best_q, best_err = q, err
-            best_id = torch.zeros(err.shape, dtype=torch.int8, device=x.device)
-        else:
-            better = err < best_err
-            best_q = torch.where(better.unsqueeze(-1), q, best_q)
-            best_err = torch.where(better, err, best_err)
-            best_id = torch.where(better, torch.full_like(best_id, i), best_id)
-    return best_q, best_id
-
-
-def _int_asym(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Min-max scale over 2^b levels and an integer zero point (clamped into the code range)."""
+def _int_asym(x: torch.Tensor, bits: int, ratio: float = 1.0) -> torch.Tensor:
+    """Min-max scale over 2^b levels and an integer zero point (clamped into the code range). With ratio < 1 the
+    range [ratio*min, ratio*max] is used (GPTQ's MSE grid) and values outside it saturate."""
     qmax = 2 ** bits - 1
     lo, hi = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
+    if ratio != 1.0:
+        lo, hi = lo * ratio, hi * ratio
     scale = (hi - lo) / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     zero = torch.round(-lo / safe).clamp(0, qmax)
@@ -140,9 +164,12 @@ def _int_asym(x: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(scale > 0, (q - zero) * scale, x)  # a constant group is stored exactly by its zero point
 
 
-def _mx(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """OCP micro-scaling: shared scale 2^(floor(log2 absmax) - emax of the element type); elements saturate."""
+def _mx(x: torch.Tensor, values: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
+    """OCP micro-scaling: shared scale 2^(floor(log2 amax) - emax of the element type); elements saturate.
+    A clipping ratio shrinks amax before the exponent is taken (so it can only move the scale down a power of 2)."""
     amax = x.abs().amax(-1, keepdim=True)
+    if ratio != 1.0:
+        amax = amax * ratio
     emax = math.floor(math.log2(values.abs().max().item()))
     exponent = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax)))) - emax
     scale = torch.where(amax > 0, torch.exp2(exponent), torch.zeros_like(amax))
@@ -150,12 +177,16 @@ def _mx(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return dt.round_to_values(x / safe, values) * scale
 
 
-def _nvfp(x: torch.Tensor, values: torch.Tensor, tensor_amax: float) -> torch.Tensor:
+def _nvfp(x: torch.Tensor, values: torch.Tensor, tensor_amax: float, ratio: float = 1.0) -> torch.Tensor:
     """NVFP4: block scale absmax/max|values| stored in FP8-E4M3 relative to a per-tensor FP32 scale that maps
-    the tensor's largest block scale onto E4M3's largest value (448)."""
+    the tensor's largest block scale onto E4M3's largest value (448). A clipping ratio scales the block scale
+    before it is rounded to E4M3."""
     vmax = values.abs().max()
     tensor_scale = tensor_amax / (vmax.item() * 448.0) if tensor_amax > 0 else 1.0
-    block = dt.round_to_e4m3(x.abs().amax(-1, keepdim=True) / vmax / tensor_scale) * tensor_scale
+    amax = x.abs().amax(-1, keepdim=True)
+    if ratio != 1.0:
+        amax = amax * ratio
+    block = dt.round_to_e4m3(amax / vmax / tensor_scale) * tensor_scale
     safe = torch.where(block > 0, block, torch.ones_like(block))
     return dt.round_to_values(x / safe, values) * block
 
@@ -167,43 +198,119 @@ OLIVE_OUTLIER_MAGNITUDES = {4: (8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0), 
 OLIVE_SCALE_CANDIDATES = 12
 
 
-def _olive(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """Outlier-victim pair quantization (Guo et al., ISCA 2023) per group.
+def _olive_ratios(bits: int) -> list[float]:
+    """OliVe's own scale search: normal scale = ratio * absmax / qmax for ratios log-spaced from 1 (plain INT,
+    no outliers) down to qmax / (largest outlier magnitude) (the absmax lands on the largest outlier value)."""
+    qmax = 2 ** (bits - 1) - 1
+    return torch.logspace(0, math.log10(qmax / OLIVE_OUTLIER_MAGNITUDES[bits][-1]), OLIVE_SCALE_CANDIDATES).tolist()
 
-    Adjacent weights (2i, 2i+1) form a pair. Normal values use INT-b (-(2^(b-1)-1)..2^(b-1)-1). A value
-    whose nearest representable value is an outlier magnitude becomes an outlier: it is coded in the wider
-    biased-float grid and its pair neighbour (the victim) is set to zero; if both are outliers the larger
-    one is kept. The normal scale is searched per group over ``OLIVE_SCALE_CANDIDATES`` clipping ratios
-    (ratio 1 = plain INT absmax, so OliVe never has a larger group MSE than INT-sym) for the lowest MSE.
+
+def _olive(x: torch.Tensor, bits: int, ratio: float) -> torch.Tensor:
+    """Outlier-victim pair quantization (Guo et al., ISCA 2023) of groups at one normal scale.
+
+    Adjacent weights (2i, 2i+1) form a pair. Normal values use INT-b (-(2^(b-1)-1)..2^(b-1)-1) with scale
+    ``ratio * absmax / qmax``. A value whose nearest representable value is an outlier magnitude becomes an
+    outlier: it is coded in the wider biased-float grid and its pair neighbour (the victim) is set to zero; if
+    both are outliers the larger one is kept. Where the normal range ends is a free parameter of OliVe, so
+    OliVe always searches ``_olive_ratios`` (ratio 1 = plain INT absmax, so OliVe never has a larger group
+    error than INT-sym); the optional clipping search of the other types changes nothing for OliVe.
     """
     qmax = 2 ** (bits - 1) - 1
     normal = dt.int_grid(bits).tensor(x.device, x.dtype)
     mags = torch.tensor(OLIVE_OUTLIER_MAGNITUDES[bits], device=x.device, dtype=x.dtype)
     threshold = (qmax + mags[0].item()) / 2  # midpoint between the largest normal and smallest outlier value
-    amax = x.abs().amax(-1, keepdim=True)
-    ratios = torch.logspace(0, math.log10(qmax / mags[-1].item()), OLIVE_SCALE_CANDIDATES).tolist()
-    best_q = best_err = None
-    for r in ratios:
-        scale = amax * r / qmax
-        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        y = (x / safe).unflatten(-1, (-1, 2))
-        mag = y.abs()
-        out = mag > threshold
-        keep0 = out[..., 0] & (~out[..., 1] | (mag[..., 0] >= mag[..., 1]))
-        keep1 = out[..., 1] & ~keep0
-        keep = torch.stack([keep0, keep1], -1)
-        victim = (keep0 | keep1).unsqueeze(-1) & ~keep
-        q_out = torch.sign(y) * dt.round_to_values(mag, mags)
-        q = torch.where(keep, q_out, torch.where(victim, torch.zeros_like(y), dt.round_to_values(y, normal)))
-        q = q.flatten(-2) * scale
-        err = (q - x).pow(2).mean(-1)
-        if best_q is None:
-            best_q, best_err = q, err
-        else:
+    scale = x.abs().amax(-1, keepdim=True) * ratio / qmax
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = (x / safe).unflatten(-1, (-1, 2))
+    mag = y.abs()
+    out = mag > threshold
+    keep0 = out[..., 0] & (~out[..., 1] | (mag[..., 0] >= mag[..., 1]))
+    keep1 = out[..., 1] & ~keep0
+    keep = torch.stack([keep0, keep1], -1)
+    victim = (keep0 | keep1).unsqueeze(-1) & ~keep
+    q_out = torch.sign(y) * dt.round_to_values(mag, mags)
+    q = torch.where(keep, q_out, torch.where(victim, torch.zeros_like(y), dt.round_to_values(y, normal)))
+    return q.flatten(-2) * scale
+
+
+# NF4 (QLoRA, Dettmers et al. 2023): the 16 quantiles of a standard normal, rescaled to [-1, 1], absmax scale.
+NF4 = dt.Grid("nf4", (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+                      -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+                      0.24611230731010437, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+                      0.7229568362236023, 1.0), 4)
+
+# llama.cpp's IQ4_NL levels (kvalues_iq4nl), and how many scale candidates either side its quantizer tries.
+IQ4_NL_VALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)
+IQ4_NL_NTRY = 7
+
+
+def _nearest_index_ties_up(y: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest of the sorted ``values``; an exact tie goes to the larger (llama.cpp's
+    best_index_int8)."""
+    return torch.bucketize(y, (values[1:] + values[:-1]) / 2, right=True)
+
+
+def _iq4_nl(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """llama.cpp's ``quantize_row_iq4_nl_impl`` for blocks of 32 (vectorized over groups): per group, with
+    weights w = x^2 (or, given an importance matrix qw, w = qw * sqrt(sigma2 + x^2), sigma2 = 2 mean(x^2)), the
+    scale d = sum(w q x) / sum(w q^2) of the codes q for the absmax-based scale, then of the 2*7+1 scales
+    (itry - 127) / max, keeping the best; codes are re-rounded with the final d, stored as FP16.
+    Returns (dequantized, the FP16 scale d per group)."""
+    values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
+    if importance is None:
+        w = x * x
+    else:
+        sigma2 = 2 * (x * x).mean(-1, keepdim=True)
+        w = importance * torch.sqrt(sigma2 + x * x)
+    amax, arg = x.abs().max(-1, keepdim=True)
+    mx = x.gather(-1, arg)  # the signed value of largest magnitude
+    live = amax > 1e-15
+    safe_mx = torch.where(live, mx, torch.ones_like(mx))
+
+    def fit(inv_scale):
+        q = values[_nearest_index_ties_up(inv_scale * x, values)]
+        return (w * q * x).sum(-1, keepdim=True), (w * q * q).sum(-1, keepdim=True)
+
+    sumqx, sumq2 = fit(1 / (-safe_mx / values[0]))
+    d = torch.where(sumq2 > 0, sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2)), torch.zeros_like(sumq2))
+    best = d * sumqx
+    for itry in range(-IQ4_NL_NTRY, IQ4_NL_NTRY + 1):
+        sumqx, sumq2 = fit((itry + values[0]) / safe_mx)
+        better = (sumq2 > 0) & (sumqx * sumqx > best * sumq2)
+        d_new = sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2))
+        d = torch.where(better, d_new, d)
+        best = torch.where(better, d_new * sumqx, best)
+    d = torch.where(live, d, torch.zeros_like(d))
+    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    codes = values[_nearest_index_ties_up(inv * x, values)]
+    d16 = d.to(torch.float16).to(x.dtype)
+    return codes * d16, d16
+
+
+# The clipping search's ratios: AWQ's auto_clip grid (max shrink 0.5 in steps of 1/20): 1.0, 0.95, ..., 0.55.
+CLIP_RATIOS = tuple(1 - i / 20 for i in range(10))
+
+
+def _search(x: torch.Tensor, candidates, ratios, weight: torch.Tensor | None):
+    """Per group, the (candidate, ratio) with the lowest error: mean squared error, or with ``weight``
+    (broadcastable to x: each input channel's activation second moment) the weighted mean. Strictly lower
+    wins, so ties go to the earlier candidate and then to the larger ratio."""
+    best_q = best_err = best_id = None
+    for i, cand in enumerate(candidates):
+        for r in ratios:
+            q = cand(x, r, weight)
+            d = (q - x).pow(2)
+            err = (d * weight).mean(-1) if weight is not None else d.mean(-1)
+            if best_q is None:
+                best_q, best_err = q, err
+                best_id = torch.zeros(err.shape, dtype=torch.int8, device=x.device)
+                continue
             better = err < best_err
             best_q = torch.where(better.unsqueeze(-1), q, best_q)
             best_err = torch.where(better, err, best_err)
-    return best_q
+            if len(candidates) > 1:
+                best_id = torch.where(better, torch.full_like(best_id, i), best_id)
+    return best_q, (best_id if len(candidates) > 1 else None)
 
 
 def candidate_names(dtype: str, bits: int) -> tuple[str, ...]:
@@ -211,23 +318,27 @@ def candidate_names(dtype: str, bits: int) -> tuple[str, ...]:
     return tuple(g.name for g in _SELECTION[dtype](bits)) if dtype in _SELECTION else ()
 
 
-def _group_fn(dtype: str, bits: int, tensor_amax: float) -> Callable[[torch.Tensor], tuple]:
-    """x [..., g] -> (dequantized, type ids or None) for one method."""
+def _candidates(dtype: str, bits: int, tensor_amax: float) -> tuple[list[Callable], list[float] | None]:
+    """The candidate quantizers of one method, and the scale ratios the method itself always searches
+    (None: only what the clipping option asks for)."""
     if dtype in _SELECTION:
-        grids = _SELECTION[dtype](bits)
-        return lambda x: _select(x, grids)
+        return [lambda x, r, w, v=g: _absmax(x, v.tensor(x.device, x.dtype), r) for g in _SELECTION[dtype](bits)], None
     if dtype == "int_asym":
-        return lambda x: (_int_asym(x, bits), None)
+        return [lambda x, r, w: _int_asym(x, bits, r)], None
     if dtype == "olive":
-        return lambda x: (_olive(x, bits), None)
+        return [lambda x, r, w: _olive(x, bits, r)], _olive_ratios(bits)
     if dtype in ("mxfp", "nvfp"):
         values = dt.fp_grid(bits).tensor()
         if dtype == "mxfp":
-            return lambda x: (_mx(x, values), None)
-        return lambda x: (_nvfp(x, values, tensor_amax), None)
+            return [lambda x, r, w: _mx(x, values.to(x.device, x.dtype), r)], None
+        return [lambda x, r, w: _nvfp(x, values.to(x.device, x.dtype), tensor_amax, r)], None
+    if dtype == "nf4":
+        return [lambda x, r, w: _absmax(x, NF4.tensor(x.device, x.dtype), r)], None
+    if dtype == "iq4_nl":  # its own scale search; the importance weights are bound per call in quantize_tensor
+        return [lambda x, r, w: _iq4_nl(x, w)[0]], [1.0]
     name = {"int": f"int{bits}", "fp": f"fp{bits}", "flint": "flint4"}.get(dtype, dtype.replace("fp", f"fp{bits}"))
     values = dt.grid(name).tensor()
-    return lambda x: (_absmax(x, values), None)
+    return [lambda x, r, w: _absmax(x, values.to(x.device, x.dtype), r)], None
 
 
 # ---------------------------------------------------------------------------------------------- one tensor
@@ -242,13 +353,17 @@ class TensorQuant:
 
 @torch.no_grad()
 def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group_size: int = 128,
-                    chunk_elements: int = 1 << 22) -> TensorQuant:
+                    chunk_elements: int = 1 << 22, *, clip: bool = False,
+                    col_weight: torch.Tensor | None = None) -> TensorQuant:
     """Fake-quantize a 2-D weight ``[rows, in_features]`` in groups along the last dimension.
 
     Returns the dequantized weight (same shape and dtype as ``w``), the chosen type index per group
     ([rows, n_groups], int8; None unless ``dtype`` selects between types) and the number of groups.
+    ``clip``: per group, also try the scale shrunk by each of ``CLIP_RATIOS`` and keep the lowest error.
+    ``col_weight`` ([in_features], >= 0): weight each input channel's squared error by it in the type selection
+    and the clipping search (the activation second moments of calibration text: an importance matrix).
     """
-    cfg = BitMoDConfig(bits=bits, group_size=group_size, dtype=dtype, chunk_elements=chunk_elements)
+    cfg = BitMoDConfig(bits=bits, group_size=group_size, dtype=dtype, chunk_elements=chunk_elements, clip=clip)
     if not isinstance(w, torch.Tensor) or w.ndim != 2:
         raise ValueError(f"expected a 2-D weight tensor, got {getattr(w, 'shape', type(w))}")
     if not torch.is_floating_point(w):
@@ -256,26 +371,35 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
     if not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or infinity")
     rows, cols = w.shape
+    work_dtype = torch.promote_types(w.dtype, torch.float32)  # bf16/fp16 weights are quantized in float32
+    if col_weight is not None:
+        if not isinstance(col_weight, torch.Tensor) or col_weight.shape != (cols,):
+            raise ValueError(f"col_weight must be a tensor of shape ({cols},), got {getattr(col_weight, 'shape', None)}")
+        if not torch.isfinite(col_weight).all() or (col_weight < 0).any():
+            raise ValueError("col_weight must be finite and non-negative")
+        col_weight = col_weight.to(w.device, work_dtype)
     g = cfg.effective_group_size
     if dtype == "olive" and cols % 2:
         raise ValueError(f"OliVe pairs adjacent weights: in_features must be even, got {cols}")
     full, tail = divmod(cols, g)
     if dtype == "olive" and tail % 2:
         raise ValueError(f"OliVe needs an even last group; in_features {cols} mod group {g} = {tail}")
-    fn = _group_fn(dtype, bits, float(w.abs().max()))
+    candidates, own_ratios = _candidates(dtype, bits, float(w.abs().max()))
+    ratios = own_ratios or (CLIP_RATIOS if clip else (1.0,))
     out = torch.empty_like(w)
     ids = torch.empty(rows, full + (tail > 0), dtype=torch.int8, device=w.device) if dtype in _SELECTION else None
-    step = max(1, chunk_elements // max(cols, 1))
-    work_dtype = torch.promote_types(w.dtype, torch.float32)  # bf16/fp16 weights are quantized in float32
+    step = max(1, chunk_elements // max(cols, 1) // len(ratios))
     for r0 in range(0, rows, step):
         chunk = w[r0:r0 + step].to(work_dtype)
         pieces, id_pieces = [], []
         if full:
-            q, i = fn(chunk[:, :full * g].unflatten(-1, (full, g)))
+            cw = None if col_weight is None else col_weight[:full * g].view(full, g)
+            q, i = _search(chunk[:, :full * g].unflatten(-1, (full, g)), candidates, ratios, cw)
             pieces.append(q.flatten(-2))
             id_pieces.append(i)
         if tail:
-            q, i = fn(chunk[:, full * g:].unsqueeze(1))
+            cw = None if col_weight is None else col_weight[full * g:].view(1, tail)
+            q, i = _search(chunk[:, full * g:].unsqueeze(1), candidates, ratios, cw)
             pieces.append(q.flatten(-2))
             id_pieces.append(i)
         out[r0:r0 + step] = torch.cat(pieces, -1).to(w.dtype)
@@ -290,6 +414,8 @@ def metadata_bits_per_group(dtype: str, bits: int, accounting: str = "paper") ->
         return 8.0  # E8M0 shared exponent
     if dtype == "nvfp":
         return 8.0  # E4M3 block scale (the per-tensor FP32 scale is added per tensor)
+    if dtype == "iq4_nl" and accounting == "fp16":
+        return 16.0  # the FP16 scale of each block of 32 (4.5 bits/weight, as llama.cpp counts it)
     type_id = math.ceil(math.log2(len(_SELECTION[dtype](bits)))) if dtype in _SELECTION else 0
     zero_point = bits if dtype == "int_asym" else 0
     if accounting == "paper":
@@ -316,6 +442,7 @@ class QuantReport:
     nominal_bits_per_weight: float = float("nan")
     seconds: float = 0.0
     untied_lm_head: bool = False
+    skipped: list = field(default_factory=list)  # layers left in float: skip / include_lm_head, embeddings
 
     @property
     def mse(self) -> float:
@@ -353,24 +480,81 @@ def _untie_lm_head(model: nn.Module, lm_head: nn.Module) -> bool:
     return True
 
 
+AWQ_ALPHAS = tuple(i / 20 for i in range(20))  # AWQ's grid: s = mean|x|^alpha, alpha in 0, 0.05, ..., 0.95
+
+
+def _awq_scale(weights: list[torch.Tensor], stats, config: BitMoDConfig) -> tuple[torch.Tensor, float]:
+    """AWQ's search: the per-input-channel scale s (one for all ``weights``, which read the same input) whose
+    quantized ``Q(W s) / s`` gives the lowest summed output MSE on the sampled calibration inputs. As in AWQ the
+    search quantizes by round to nearest; the clipping search comes after, on the chosen scale."""
+    x = stats.sample.to(weights[0].device, torch.float32)
+    refs = [x @ w.t() for w in weights]
+    best = (None, float("nan"), float("inf"))
+    for alpha in AWQ_ALPHAS:
+        s = stats.abs_mean.to(x.device).pow(alpha).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, ref in zip(weights, refs):
+            wq = quantize_tensor(w * s, config.bits, config.dtype, config.group_size, config.chunk_elements).weight / s
+            err += float((x @ wq.t() - ref).pow(2).mean())
+        if err < best[2]:
+            best = (s, alpha, err)
+    return best[0], best[1]
+
+
+def _weight_2d(module: nn.Module) -> torch.Tensor:
+    """The weight as ``[out_features, in_features]`` (a view: transformers' Conv1D stores ``[in, out]``)."""
+    return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
+
+
+def _unsupported_layers(model: nn.Module, supported: set[int], skip: tuple[str, ...]) -> list[str]:
+    """Layers with a matrix weight that quantize_ does not handle (not Linear / Conv1D / an embedding)."""
+    out = []
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        if (isinstance(w, nn.Parameter) and w.ndim >= 2 and id(module) not in supported
+                and not isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and not any(s in name for s in skip)):
+            out.append(f"{name} ({type(module).__name__})")
+    return out
+
+
 @torch.no_grad()
-def quantize_(model: nn.Module, config: BitMoDConfig) -> QuantReport:
-    """Fake-quantize every ``nn.Linear`` weight of ``model`` in place; returns a ``QuantReport``."""
+def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None = None) -> QuantReport:
+    """Fake-quantize every ``nn.Linear`` / ``Conv1D`` weight of ``model`` in place; returns a ``QuantReport``.
+
+    ``calibration`` (``calibrate.collect_activation_stats(model, windows)``) is required when
+    ``config.calibration`` is "act" or "awq". A layer with a matrix weight of another type (e.g. a convolution)
+    is an error naming it, unless ``config.skip`` names it; ``report.skipped`` lists what stayed in float.
+    """
+    from .calibrate import quantizable_layers
+
     if not isinstance(config, BitMoDConfig):
         raise TypeError(f"config must be a BitMoDConfig, got {type(config).__name__}")
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     start = time.perf_counter()
+    layers = quantizable_layers(model)
+    unsupported = _unsupported_layers(model, {id(m) for _, m in layers}, config.skip)
+    if unsupported:
+        raise ValueError(f"quantize_ handles nn.Linear and transformers' Conv1D, not {', '.join(unsupported)}; "
+                         "leave them in float with BitMoDConfig(skip=(...))")
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    targets = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(s in name for s in config.skip):
-            continue
-        if module is lm_head and not config.include_lm_head:
+    targets, skipped = [], []
+    for name, module in layers:
+        if any(s in name for s in config.skip) or (module is lm_head and not config.include_lm_head):
+            skipped.append(name)
             continue
         targets.append((name, module))
     if not targets:
-        raise ValueError("the model has no nn.Linear layers to quantize (after include_lm_head / skip)")
+        raise ValueError("the model has no nn.Linear / Conv1D layers to quantize (after include_lm_head / skip)")
+    skipped += [n for n, m in model.named_modules() if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
+    if config.calibration != "none":
+        if calibration is None:
+            raise ValueError(f"calibration={config.calibration!r} needs activation statistics: quantize_(model, "
+                             "config, calibration=calibrate.collect_activation_stats(model, windows))")
+        missing = [n for n, _ in targets if n not in calibration]
+        if missing:
+            raise ValueError(f"no calibration statistics for {len(missing)} layer(s): {', '.join(missing[:5])}")
     untied = False
     if lm_head is not None and any(m is lm_head for _, m in targets):
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -380,40 +564,64 @@ def quantize_(model: nn.Module, config: BitMoDConfig) -> QuantReport:
                                  "embedding too. Use untie_embeddings=True or include_lm_head=False.")
             untied = _untie_lm_head(model, lm_head)
 
+    scales, alphas = {}, {}
+    if config.calibration == "awq":  # one scale per group of layers reading the same tensor
+        groups: dict[str, list] = {}
+        for name, module in targets:
+            groups.setdefault(calibration[name].group, []).append((name, module))
+        for members in groups.values():
+            ws = [_weight_2d(m).float() for _, m in members]
+            s, alpha = _awq_scale(ws, calibration[members[0][0]], config)
+            for name, _ in members:
+                scales[name], alphas[name] = s, alpha
+
     names = candidate_names(config.dtype, config.bits)
     counts: Counter = Counter()
     rows, code_bits, meta_bits, tensors = [], 0.0, 0.0, 0
     meta = metadata_bits_per_group(config.dtype, config.bits, config.accounting)
     for name, module in targets:
-        w = module.weight
-        res = quantize_tensor(w.data, config.bits, config.dtype, config.group_size, config.chunk_elements)
-        diff = (res.weight.float() - w.data.float())
+        w = _weight_2d(module)
+        col_weight = calibration[name].sq_mean.to(w.device) if config.calibration != "none" else None
+        if name in scales:
+            s = scales[name].to(w.device)
+            res = quantize_tensor(w.float() * s, config.bits, config.dtype, config.group_size, config.chunk_elements,
+                                  clip=config.clip, col_weight=col_weight / s.pow(2))
+            res.weight = (res.weight / s).to(w.dtype)
+        else:
+            res = quantize_tensor(w, config.bits, config.dtype, config.group_size, config.chunk_elements,
+                                  clip=config.clip, col_weight=col_weight)
+        diff = (res.weight.float() - w.float())
         mse = float(diff.pow(2).mean())
-        power = float(w.data.float().pow(2).mean())
+        power = float(w.float().pow(2).mean())
         row = {"layer": name, "rows": w.shape[0], "cols": w.shape[1], "numel": w.numel(), "mse": mse,
                "rel_mse": mse / power if power > 0 else float("nan"), "groups": res.n_groups}
+        if col_weight is not None:  # the calibration-weighted error: mean over outputs of E[(dW x)^2] (diagonal)
+            row["act_mse"] = float((diff.pow(2) * col_weight.float()).sum(1).mean())
+        if name in alphas:
+            row["awq_alpha"] = alphas[name]
         if res.type_ids is not None:
             layer_counts = torch.bincount(res.type_ids.flatten().long(), minlength=len(names)).tolist()
             for n, c in zip(names, layer_counts):
                 row[n] = c
                 counts[n] += c
         rows.append(row)
-        w.data.copy_(res.weight)
+        w.copy_(res.weight)  # a view of the parameter: writes through (transposed back for Conv1D)
         code_bits += config.bits * w.numel()
         meta_bits += meta * res.n_groups
         tensors += 1
     if config.dtype == "nvfp":
         meta_bits += NVFP_TENSOR_SCALE_BITS * tensors
-    layers = pd.DataFrame(rows)
-    total = float(layers.numel.sum())
+    layers_df = pd.DataFrame(rows)
+    total = float(layers_df.numel.sum())
     return QuantReport(
         config=asdict(config),
-        layers=layers,
+        layers=layers_df,
         type_counts={n: int(counts[n]) for n in names},
         bits_per_weight=(code_bits + meta_bits) / total,
         nominal_bits_per_weight=bits_per_weight(config.dtype, config.bits, config.group_size, config.accounting),
         seconds=time.perf_counter() - start,
         untied_lm_head=untied,
+        skipped=skipped,
     )
 
 
