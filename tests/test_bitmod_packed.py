@@ -187,3 +187,17 @@ def test_real_model_packs_exactly_and_runs():
             # fp32 accumulation vs bf16 matmuls, compounded over 30 layers: bf16-level noise, not a new model
             assert float((out - ref.float()).abs().max()) <= 0.05 * float(ref.float().abs().max())
             assert (out.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
+
+
+def test_quantize_with_packed_true_packs_the_model():
+    """quantize_(model, BitMoDConfig(packed=True)) gives the same logits as fake quantization, from packed layers."""
+    ref, model = tiny_llama(), tiny_llama()
+    quantize_(ref, BitMoDConfig(bits=3, group_size=128))
+    quantize_(model, BitMoDConfig(bits=3, group_size=128, packed=True))
+    ids = torch.tensor([[2, 4, 8, 16]])
+    assert isinstance(model.lm_head, BitMoDLinear)
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits.float(), ref(ids).logits.float(), atol=1e-2, rtol=1e-2)
+    with pytest.raises(ValueError, match="BitMoD-grid"):
+        BitMoDConfig(dtype="int", packed=True)

@@ -9,6 +9,8 @@ from .datatypes import GRIDS, Grid, bitmod_grids, grid, round_to_values
 from .quantize import (DTYPES, BitMoDConfig, QuantReport, bits_per_weight, quantize_, quantize_tensor,
                        relative_mse_table, synthetic_groups)
 
+from .packed import BitMoDLinear, dequantize, load_packed_, pack_, pack_weight
+
 # --- accelerator exports (added by the accelerator part) go below this line ---
 from . import accel_study, pe_terms
 from .accelerator import DESIGNS, Design, SramEnergy, area_table, evaluate, headline_ratios, simulate, speedups

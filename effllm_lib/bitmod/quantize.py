@@ -89,6 +89,9 @@ class BitMoDConfig:
     (8 bits of metadata per group, giving 4.0625 / 3.0625) or ``"fp16"`` (a 16-bit scale plus the type id).
     clip: the per-group clipping search (``CLIP_RATIOS``). calibration: ``"none"`` (round to nearest), ``"act"``
     (activation-weighted selection and clipping) or ``"awq"`` (AWQ scaling, then as "act"); see the module doc.
+    packed: replace the quantized layers by ``packed.BitMoDLinear`` (3/4-bit codes, group scales, 2-bit type ids,
+    run by the LUT kernels), so the model holds the packed bytes rather than float weights; only the
+    BitMoD-grid data types pack.
     """
 
     bits: int = 4
@@ -101,6 +104,7 @@ class BitMoDConfig:
     accounting: str = "paper"
     clip: bool = False
     calibration: str = "none"
+    packed: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -111,6 +115,8 @@ class BitMoDConfig:
             raise ValueError("FLINT is a 4-bit type (ANT's 3-bit choice is INT3 vs FP3: dtype='ant')")
         if self.dtype in ("nf4", "iq4_nl") and self.bits != 4:
             raise ValueError(f"{self.dtype.upper()} is a 4-bit type (there is no standard 3-bit variant)")
+        if self.packed and self.dtype not in ("bitmod", "er", "ea") and not self.dtype.startswith("fp_e"):
+            raise ValueError(f"packed=True needs a BitMoD-grid data type (bitmod, er, ea, fp_e*), got {self.dtype!r}")
         if self.clip not in (True, False):
             raise ValueError(f"clip must be True or False, got {self.clip!r}")
         if self.calibration not in CALIBRATIONS:
@@ -613,7 +619,7 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         meta_bits += NVFP_TENSOR_SCALE_BITS * tensors
     layers_df = pd.DataFrame(rows)
     total = float(layers_df.numel.sum())
-    return QuantReport(
+    report = QuantReport(
         config=asdict(config),
         layers=layers_df,
         type_counts={n: int(counts[n]) for n in names},
@@ -623,6 +629,11 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         untied_lm_head=untied,
         skipped=skipped,
     )
+    if config.packed:
+        from .packed import pack_
+
+        pack_(model, report)
+    return report
 
 
 # ------------------------------------------------------------------------------------------ synthetic groups
