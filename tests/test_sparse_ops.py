@@ -175,3 +175,16 @@ def test_torch_compile_traces_through_the_ops_without_graph_breaks():
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     compiled = torch.compile(model, fullgraph=True, backend="eager")
     assert torch.equal(compiled(x), model(x))
+
+
+@pytest.mark.parametrize("n,k", [(1, 1), (16, 32), (17, 33), (100, 70), (48, 300)])
+def test_fast_pack_equals_the_reference_pack(n, k):
+    from effllm_lib.sparse import pack_bf16_fast
+
+    w, _, _ = random_problem(n, k, 1, 0.5, seed=n + k)
+    w[0, 0] = -0.0  # a negative zero is a pruned weight in both
+    ref, fast = pack_bf16(w), pack_bf16_fast(w)
+    assert torch.equal(ref.bitmaps, fast.bitmaps) and torch.equal(ref.strip_offsets, fast.strip_offsets)
+    assert torch.equal(ref.values, fast.values) and (fast.out_features, fast.in_features) == (n, k)
+    with pytest.raises(ValueError, match="2-D"):
+        pack_bf16_fast(torch.zeros(3))

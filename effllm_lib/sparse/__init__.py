@@ -18,7 +18,7 @@ The C++ entry points never throw: argument errors come back as a string and ``sp
 """
 
 from .cpu_features import available_kernels, cpu_features, resolve_kernel
-from .format import (SparseBF16Weight, SparseInt8Weight, compression_ratio, pack_bf16, pack_dense_bf16_vnni,
+from .format import (SparseBF16Weight, SparseInt8Weight, compression_ratio, pack_bf16, pack_bf16_fast, pack_dense_bf16_vnni,
                      pack_int8, quantize_rows_int8, quantize_tokens_int8, unpack_bf16, unpack_int8)
 from .pruning import calibration_batches, input_norms, prune_magnitude, prune_wanda
 from .sparse_linear import SparseLinear, dense_linear_amx, sparse_linear
@@ -27,7 +27,7 @@ from .sparsify import (FusedSparseLinear, LinearSlice, SparseGatedMLP, SparsifyC
 
 __all__ = [
     "FusedSparseLinear", "LinearSlice", "SparseGatedMLP", "SparsifyConfig", "calibration_batches", "input_norms",
-    "load_sparse_state_dict_", "prune_wanda",
+    "load_sparse_state_dict_", "pack_bf16_fast", "prune_wanda",
     "SparseBF16Weight", "SparseInt8Weight", "SparseLinear", "SparsityConfig", "available_kernels",
     "compression_ratio", "cpu_features", "dense_linear_amx", "pack_bf16", "pack_dense_bf16_vnni", "pack_int8",
     "prune_magnitude", "quantize_rows_int8", "quantize_tokens_int8", "resolve_kernel", "sparse_linear",

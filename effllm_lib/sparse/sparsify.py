@@ -32,7 +32,7 @@ from torch import nn
 
 from .autotune import auto_kernel
 from .cpu_features import resolve_kernel
-from .format import SparseBF16Weight, pack_bf16, pack_int8
+from .format import pack_bf16_fast, pack_int8
 from .ops import ACT_CODES, KERNEL_CODES, sparse_ops
 from .pruning import calibration_batches, input_norms, prune_magnitude, prune_wanda
 from .sparse_linear import SparseLinear
@@ -224,7 +224,7 @@ def hf_targets(model: nn.Module) -> list[str]:
 
 
 def _pack(w: torch.Tensor, dtype: str):
-    return pack_bf16(w) if dtype == "bf16" else pack_int8(w)
+    return pack_bf16_fast(w) if dtype == "bf16" else pack_int8(w)
 
 
 def _pruner(model, names, config, tokenizer, calibration) -> Callable[[str], torch.Tensor]:
