@@ -33,6 +33,7 @@ CAL_SPARSITY = 0.5
 DENSE_MIN_TOKENS = 16  # decompress-then-GEMM is a candidate from here on (never at decode)
 
 _lock = threading.Lock()
+_forced: dict[tuple, str] = {}
 _table: dict[tuple, dict[int, str]] = {}  # (threads, dense allowed) -> {token class: kernel}
 
 
@@ -119,11 +120,15 @@ def auto_kernel(tokens: int, allow_dense: bool = True) -> str:
     decompress, then torch's GEMM; only where ``allow_dense``)."""
     forced = os.environ.get("EFFLLM_SPARSE_AUTO")
     if forced:
-        from .cpu_features import resolve_kernel
+        key = (forced, allow_dense)
+        if key not in _forced:  # checked once (a kernel the CPU lacks is a clear error), then a dict lookup
+            from .cpu_features import resolve_kernel
 
-        if forced == "dense":
-            return "dense" if allow_dense else resolve_kernel("auto_rule", "bf16")
-        return resolve_kernel(forced, "bf16")
+            if forced == "dense":
+                _forced[key] = "dense" if allow_dense else resolve_kernel("auto_rule", "bf16")
+            else:
+                _forced[key] = resolve_kernel(forced, "bf16")
+        return _forced[key]
     key = (torch.get_num_threads(), allow_dense)
     table = _table.get(key)
     if table is None:
