@@ -165,8 +165,11 @@ def test_dispatch_never_offers_what_the_cpu_lacks():
     assert ("avx512" in KERNELS) == all(x in flags for x in ("avx512f", "avx512bw", "avx512vl", "avx512_bf16",
                                                              "avx512_vbmi2"))
     assert "portable" in KERNELS
-    auto = resolve_kernel("auto", "bf16", tokens=1)
-    assert auto == ("avx512" if "avx512" in KERNELS else ("amx" if "amx" in KERNELS else "portable"))
+    from effllm_lib.sparse.autotune import calibrate
+
+    auto = resolve_kernel("auto", "bf16", tokens=1)  # the measured fastest sparse kernel here (autotune)
+    secs = calibrate()["seconds"]["1"]
+    assert auto in KERNELS and auto == min((k for k in secs if k != "dense"), key=secs.get)
 
 
 @pytest.mark.skipif(cpu_features().kernel_amx_bf16, reason="this CPU has AMX")

@@ -14,9 +14,6 @@ from functools import lru_cache
 from ._build import load_extension
 
 KERNELS = {"bf16": ("portable", "avx512", "amx"), "int8": ("portable", "amx")}
-# AMX fills a 16-row A tile with tokens; at batch 1 fifteen rows are padding and the tile setup costs more
-# than it saves (the paper's early numbers: AVX-512 ahead at batch 1), so auto takes AMX from this batch on.
-AMX_MIN_TOKENS = 16
 
 
 @dataclass(frozen=True)
@@ -57,16 +54,19 @@ def available_kernels(dtype: str = "bf16") -> list[str]:
 
 
 def resolve_kernel(kernel: str, dtype: str = "bf16", tokens: int = 1) -> str:
-    """``kernel`` itself if it can run here (else a clear error); for "auto" the fastest one for ``tokens``."""
+    """``kernel`` itself if it can run here (else a clear error); for "auto" the fastest sparse kernel for
+    ``tokens`` on this machine, measured once and cached (``autotune``; int8: AMX where it runs)."""
     if dtype not in KERNELS:
         raise ValueError(f"dtype must be one of {sorted(KERNELS)}, got {dtype!r}")
-    if kernel != "auto" and kernel not in KERNELS[dtype]:
+    if kernel not in ("auto", "auto_rule") and kernel not in KERNELS[dtype]:
         raise ValueError(f"unknown {dtype} kernel {kernel!r}; expected 'auto' or one of {KERNELS[dtype]}")
     here = available_kernels(dtype)
-    if kernel == "auto":
-        if "amx" in here and (tokens >= AMX_MIN_TOKENS or "avx512" not in here):
-            return "amx"
-        return "avx512" if "avx512" in here else "portable"
+    if kernel == "auto" and dtype == "bf16":
+        from .autotune import auto_kernel
+
+        return auto_kernel(tokens, allow_dense=False)
+    if kernel in ("auto", "auto_rule"):  # int8, or a fallback without measuring: the widest kernel here
+        return here[-1]
     if kernel not in here:
         f = cpu_features()
         need = {"avx512": "AVX512F/BW/VL + AVX512_BF16 + AVX512_VBMI2 with ZMM state enabled by the OS",

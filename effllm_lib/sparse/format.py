@@ -169,6 +169,19 @@ def pack_bf16(weight: torch.Tensor) -> SparseBF16Weight:
     return SparseBF16Weight(_as_int32(words), values, offsets, n, k)
 
 
+def pack_bf16_fast(weight: torch.Tensor) -> SparseBF16Weight:
+    """``pack_bf16`` computed by the extension on all threads (same result; ``pack_bf16`` is the reference the
+    tests compare it with). Zeros are any bf16 zero, +0 or -0, as in ``pack_bf16``."""
+    _check_weight(weight)
+    from ._build import load_extension
+
+    w = weight.detach().to(torch.bfloat16).contiguous()
+    err, bitmaps, values, offsets = load_extension().pack_bf16_fast(w)
+    if err:
+        raise RuntimeError(err)
+    return SparseBF16Weight(bitmaps, values, offsets, w.shape[0], w.shape[1])
+
+
 def _as_int32(words: torch.Tensor) -> torch.Tensor:
     """int64 words holding 32-bit patterns -> int32 with the same bits."""
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
@@ -251,3 +264,31 @@ def compression_ratio(sparsity: float) -> float:
     if not 0.0 <= sparsity <= 1.0:
         raise ValueError(f"sparsity must be in [0, 1], got {sparsity}")
     return 2.0 / (2.0 * (1.0 - sparsity) + 0.125)
+
+
+def validate_packed(weight: SparseBF16Weight | SparseInt8Weight) -> None:
+    """What the kernels trust about a compressed weight (dtypes, shapes, strip offsets starting at 0 and never
+    decreasing, values long enough for them plus the slack a full-vector load may touch), checked when a
+    weight is packed, wrapped in a module or loaded, so the ops need only O(1) checks per call. A weight edited
+    after packing (e.g. truncated values) is refused with a clear message (RuntimeError)."""
+    if not isinstance(weight, (SparseBF16Weight, SparseInt8Weight)):
+        raise TypeError(f"expected a SparseBF16Weight or SparseInt8Weight, got {type(weight).__name__}")
+    is_int8 = isinstance(weight, SparseInt8Weight)
+    strips = -(-weight.out_features // STRIP)
+    k_tile = 64 if is_int8 else 32
+    bitmap_dtype, value_dtype = (torch.int64, torch.int8) if is_int8 else (torch.int32, torch.bfloat16)
+    slack = 64 if is_int8 else 32
+    bm, vals, offs = weight.bitmaps, weight.values, weight.strip_offsets
+    for name, t, dtype in (("bitmaps", bm, bitmap_dtype), ("values", vals, value_dtype),
+                           ("strip_offsets", offs, torch.int64)):
+        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device.type != "cpu":
+            raise RuntimeError(f"compressed weight: {name} must be a {dtype} CPU tensor")
+    if bm.shape != (strips, -(-weight.in_features // k_tile), 16):
+        raise RuntimeError(f"compressed weight: bitmaps has shape {tuple(bm.shape)}, expected "
+                           f"({strips}, {-(-weight.in_features // k_tile)}, 16) for {weight.out_features}x"
+                           f"{weight.in_features}")
+    if offs.shape != (strips + 1,) or int(offs[0]) != 0 or bool((offs[1:] < offs[:-1]).any()):
+        raise RuntimeError("compressed weight: strip_offsets must be [strips + 1], start at 0 and never decrease")
+    if vals.dim() != 1 or vals.numel() < int(offs[-1]) + slack:
+        raise RuntimeError(f"compressed weight: values has {vals.numel()} elements, the strip offsets need "
+                           f"{int(offs[-1])} nonzeros + {slack} slack")

@@ -1,68 +1,30 @@
 """``SparseLinear``: an ``nn.Linear`` whose weight is kept in the compressed format and multiplied by the
-sparse kernels; ``sparsify_(model, SparsityConfig(...))`` prunes a model's linears and swaps them in.
+sparse kernels, and ``sparse_linear(x, weight)``, the functional form of part 1 (it re-checks the weight on
+every call and calls the extension through pybind; the module calls the ``torch.library`` op instead).
 
-    sparsify_(model, SparsityConfig(sparsity=0.5, method="magnitude"))   # every nn.Linear but lm_head
-    layer = SparseLinear.from_linear(linear, kernel="auto")                # or "portable" / "avx512" / "amx"
+    layer = SparseLinear.from_linear(linear, kernel="auto")   # or "portable" / "avx512" / "amx"
 
-The weight is bf16 (``dtype="bf16"``, the paper's main path) or int8 with one scale per output row and a
-per-token dynamic activation scale (``dtype="int8"``). Outputs are bf16 (cast back to the input's dtype).
+The compressed weight lives in registered buffers (``bitmaps``, ``values``, ``strip_offsets``, int8 also
+``scales``; ``bias`` float32), so ``state_dict()`` carries it and ``load_state_dict`` takes a weight with any
+number of nonzeros (the values buffer is resized) after validating it. bf16 weights run through
+``torch.ops.effllm_sparse.spmm_bf16`` (one dispatcher call; ``kernel="auto"`` picks per token count from the
+measured calibration, ``autotune``), with ``dense`` = decompress once and torch's GEMM where the calibration
+found that faster (many tokens: prefill). int8 weights (per-row scale, per-token dynamic activation scale)
+run through ``sparse_linear``. Outputs are bf16, cast back to the input's dtype.
 """
-
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ._build import load_extension
+from .autotune import auto_kernel
 from .cpu_features import resolve_kernel
+from .ops import KERNEL_CODES, sparse_ops as _OPS
 from .format import (STRIP, SparseBF16Weight, SparseInt8Weight, pack_bf16, pack_dense_bf16_vnni, pack_int8,
-                     quantize_tokens_int8)
-
-
-# ------------------------------------------------------------------------------------------------ pruning
-def prune_magnitude(weight: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
-    """Zero the ``sparsity`` fraction of smallest-magnitude weights (of the layer, or of each output row)."""
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
-    w = weight.detach().clone()
-    if sparsity == 0.0:
-        return w
-    if per_row:
-        drop = int(round(sparsity * w.shape[1]))
-        if drop:
-            idx = w.abs().float().topk(drop, dim=1, largest=False).indices
-            w.scatter_(1, idx, 0)
-        return w
-    drop = int(round(sparsity * w.numel()))
-    if drop:
-        idx = w.abs().float().flatten().topk(drop, largest=False).indices
-        w.view(-1)[idx] = 0
-    return w
-
-
-@dataclass(frozen=True)
-class SparsityConfig:
-    """How ``sparsify_`` prunes: ``method`` "magnitude" (per layer) or "magnitude_row" (per output row)."""
-
-    sparsity: float = 0.5
-    method: str = "magnitude"
-    dtype: str = "bf16"
-    kernel: str = "auto"
-
-    def __post_init__(self):
-        if not 0.0 <= self.sparsity < 1.0:
-            raise ValueError(f"sparsity must be in [0, 1), got {self.sparsity}")
-        if self.method not in ("magnitude", "magnitude_row", "none"):
-            raise ValueError(f"unknown pruning method {self.method!r}; expected magnitude, magnitude_row or "
-                             "none (keep the zeros the weight already has)")
-        if self.dtype not in ("bf16", "int8"):
-            raise ValueError(f"dtype must be 'bf16' or 'int8', got {self.dtype!r}")
+                     quantize_tokens_int8, validate_packed)
+from .pruning import prune_magnitude
 
 
 # ---------------------------------------------------------------------------------------------- functional
@@ -79,29 +41,6 @@ def _raise_on_error(message: str) -> None:
     """The extension returns its argument errors as a string (no C++ exception crosses into Python)."""
     if message:
         raise RuntimeError(f"sparse kernel refused its arguments: {message}")
-
-
-def _check_packed(weight: SparseBF16Weight | SparseInt8Weight, is_int8: bool) -> None:
-    """What the kernel will trust about a compressed weight, checked before any C++ runs (cheap: no bitmap
-    scan). A weight edited after packing (e.g. truncated values) is refused here with a clear message."""
-    strips = -(-weight.out_features // STRIP)
-    k_tile = 64 if is_int8 else 32
-    bitmap_dtype, value_dtype = (torch.int64, torch.int8) if is_int8 else (torch.int32, torch.bfloat16)
-    slack = 64 if is_int8 else 32
-    bm, vals, offs = weight.bitmaps, weight.values, weight.strip_offsets
-    for name, t, dtype in (("bitmaps", bm, bitmap_dtype), ("values", vals, value_dtype),
-                           ("strip_offsets", offs, torch.int64)):
-        if not isinstance(t, torch.Tensor) or t.dtype != dtype or t.device.type != "cpu":
-            raise RuntimeError(f"compressed weight: {name} must be a {dtype} CPU tensor")
-    if bm.shape != (strips, -(-weight.in_features // k_tile), 16):
-        raise RuntimeError(f"compressed weight: bitmaps has shape {tuple(bm.shape)}, expected "
-                           f"({strips}, {-(-weight.in_features // k_tile)}, 16) for {weight.out_features}x"
-                           f"{weight.in_features}")
-    if offs.shape != (strips + 1,) or int(offs[0]) != 0 or bool((offs[1:] < offs[:-1]).any()):
-        raise RuntimeError("compressed weight: strip_offsets must be [strips + 1], start at 0 and never decrease")
-    if vals.dim() != 1 or vals.numel() < int(offs[-1]) + slack:
-        raise RuntimeError(f"compressed weight: values has {vals.numel()} elements, the strip offsets need "
-                           f"{int(offs[-1])} nonzeros + {slack} slack")
 
 
 def sparse_linear(x: torch.Tensor, weight: SparseBF16Weight | SparseInt8Weight, bias: torch.Tensor | None = None,
@@ -131,7 +70,7 @@ def sparse_linear(x: torch.Tensor, weight: SparseBF16Weight | SparseInt8Weight, 
     b = None if bias is None else bias.detach().float().contiguous()
     if b is not None and b.shape != (n,):
         raise ValueError(f"bias must have shape ({n},), got {tuple(b.shape)}")
-    _check_packed(weight, is_int8)
+    validate_packed(weight)
     ext = load_extension()
     if is_int8:
         xq, x_scale = quantize_tokens_int8(x2)
@@ -156,7 +95,12 @@ def dense_linear_amx(x: torch.Tensor, packed: torch.Tensor, out_features: int,
     return out.reshape(*x.shape[:-1], out_features)
 
 
+
+
 # ------------------------------------------------------------------------------------------------- module
+_BUFFERS = {"bf16": ("bitmaps", "values", "strip_offsets"), "int8": ("bitmaps", "values", "strip_offsets", "scales")}
+
+
 class SparseLinear(nn.Module):
     """A linear layer with a compressed (bitmap + packed nonzeros) weight; inference only."""
 
@@ -165,13 +109,28 @@ class SparseLinear(nn.Module):
         super().__init__()
         if not isinstance(weight, (SparseBF16Weight, SparseInt8Weight)):
             raise TypeError(f"weight must be a SparseBF16Weight or SparseInt8Weight, got {type(weight).__name__}")
+        validate_packed(weight)  # once, here: the op trusts the buffers from now on
         self.in_features, self.out_features = weight.in_features, weight.out_features
         self.dtype_name = "int8" if isinstance(weight, SparseInt8Weight) else "bf16"
+        if bias is not None and bias.shape != (self.out_features,):
+            raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.kernel = kernel
+        self._code = None
         if kernel != "auto":
             resolve_kernel(kernel, self.dtype_name)  # fail now, not at the first forward
-        self.kernel = kernel
-        self.weight = weight
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+            self._code = KERNEL_CODES[kernel]
+        for name in _BUFFERS[self.dtype_name]:
+            self.register_buffer(name, getattr(weight, name))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().contiguous().clone())
+
+    @property
+    def weight(self) -> SparseBF16Weight | SparseInt8Weight:
+        """The compressed weight (a view of the buffers)."""
+        if self.dtype_name == "bf16":
+            return SparseBF16Weight(self.bitmaps, self.values, self.strip_offsets, self.out_features,
+                                    self.in_features)
+        return SparseInt8Weight(self.bitmaps, self.values, self.strip_offsets, self.scales, self.out_features,
+                                self.in_features)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, kernel: str = "auto", dtype: str = "bf16") -> "SparseLinear":
@@ -185,8 +144,63 @@ class SparseLinear(nn.Module):
         packed = pack_bf16(w) if dtype == "bf16" else pack_int8(w)
         return cls(packed, linear.bias, kernel)
 
+    @classmethod
+    def empty(cls, out_features: int, in_features: int, bias: bool = False, kernel: str = "auto",
+              dtype: str = "bf16") -> "SparseLinear":
+        """An all-zero layer of this shape: a placeholder that ``load_state_dict`` fills."""
+        w = torch.zeros(out_features, in_features)
+        packed = pack_bf16(w) if dtype == "bf16" else pack_int8(w)
+        return cls(packed, torch.zeros(out_features) if bias else None, kernel)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # the number of nonzeros (values' length) differs from the placeholder's: take the incoming shapes,
+        # then validate the incoming weight once, as at pack time
+        incoming = {name: state_dict.get(prefix + name) for name in _BUFFERS[self.dtype_name]}
+        if all(isinstance(t, torch.Tensor) for t in incoming.values()):
+            cls = SparseBF16Weight if self.dtype_name == "bf16" else SparseInt8Weight
+            extra = {"scales": incoming["scales"]} if self.dtype_name == "int8" else {}
+            w = cls(incoming["bitmaps"], incoming["values"], incoming["strip_offsets"], **extra,
+                    out_features=self.out_features, in_features=self.in_features)
+            try:
+                validate_packed(w)
+            except (RuntimeError, TypeError) as exc:
+                error_msgs.append(f"{prefix or 'SparseLinear '}: {exc}")
+                return
+            for name, t in incoming.items():
+                if self._buffers[name].shape != t.shape:
+                    self._buffers[name] = torch.empty_like(t)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def kernel_for(self, tokens: int) -> str:
+        """The kernel a call with ``tokens`` rows runs ("dense" = decompress + torch GEMM)."""
+        if self.kernel != "auto":
+            return self.kernel
+        return auto_kernel(tokens) if self.dtype_name == "bf16" else resolve_kernel("auto", "int8")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = sparse_linear(x, self.weight, self.bias, self.kernel)
+        if self.dtype_name != "bf16":
+            y = sparse_linear(x, self.weight, self.bias, self.kernel)
+            return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+        code = self._code
+        if code is None:
+            name = auto_kernel(x.numel() // self.in_features)
+            if name == "dense":
+                return self.dense_forward(x)
+            code = KERNEL_CODES[name]
+        y = _OPS().spmm_bf16(x, self.bitmaps, self.values, self.strip_offsets, self.out_features, self.bias, code)
+        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The bf16 weight [out, in], decompressed by the extension on all threads."""
+        return _OPS().densify_bf16(self.bitmaps, self.values, self.strip_offsets, self.out_features,
+                                   self.in_features)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Prefill path: decompress once, then torch's bf16 GEMM (many tokens share one decompression)."""
+        b = None if self.bias is None else self.bias.to(torch.bfloat16)
+        y = F.linear(x.to(torch.bfloat16), self.dense_weight(), b)
         return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -194,34 +208,9 @@ class SparseLinear(nn.Module):
                 f"nnz={self.weight.nnz}, kernel={self.kernel}")
 
 
-def sparsify_(model: nn.Module, config: SparsityConfig = SparsityConfig(),
-              filter_fn: Callable[[nn.Module, str], bool] | None = None) -> nn.Module:
-    """Prune every ``nn.Linear`` that ``filter_fn(module, name)`` accepts (default: all but ``lm_head``) and
-    replace it with a ``SparseLinear``, in place. Returns the model."""
-    if not isinstance(config, SparsityConfig):
-        raise TypeError(f"config must be a SparsityConfig, got {type(config).__name__}")
-    if filter_fn is None:
-        def filter_fn(mod, name):
-            return isinstance(mod, nn.Linear) and not name.split(".")[-1] == "lm_head"
-    targets = [(name, mod) for name, mod in model.named_modules() if isinstance(mod, nn.Linear)
-               and filter_fn(mod, name)]
-    for name, mod in targets:
-        if config.method == "none":
-            w = mod.weight.detach()
-        else:
-            w = prune_magnitude(mod.weight, config.sparsity, per_row=config.method == "magnitude_row")
-        packed = pack_bf16(w) if config.dtype == "bf16" else pack_int8(w)
-        new = SparseLinear(packed, mod.bias, config.kernel)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new)
-    return model
-
-
 def weight_bytes(weight: SparseBF16Weight | SparseInt8Weight) -> int:
     """Bytes of weight data a kernel streams from memory for one pass."""
     return weight.nbytes()
 
 
-__all__ = ["SparseLinear", "SparsityConfig", "sparsify_", "sparse_linear", "prune_magnitude", "dense_linear_amx",
-           "pack_dense_bf16_vnni", "STRIP"]
+__all__ = ["SparseLinear", "sparse_linear", "dense_linear_amx", "pack_dense_bf16_vnni", "STRIP", "prune_magnitude"]

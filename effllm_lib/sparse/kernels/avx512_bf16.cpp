@@ -67,4 +67,50 @@ extern "C" void spmm_bf16_avx512(const Bf16Problem& p, int64_t strip_begin, int6
   }
 }
 
+// Four streams per thread: one sequential stream keeps too few lines in flight for the core's fill buffers
+// on some parts, so the chunk is read as four interleaved quarters.
+extern "C" uint64_t stream_read_avx512(const uint64_t* p, int64_t n) {
+  const int64_t lines = n / 8, quarter = lines / 4;
+  __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+  const __m512i* q0 = reinterpret_cast<const __m512i*>(p);
+  const __m512i* q1 = q0 + quarter;
+  const __m512i* q2 = q1 + quarter;
+  const __m512i* q3 = q2 + quarter;
+  for (int64_t i = 0; i < quarter; ++i) {
+    a0 = _mm512_or_si512(a0, _mm512_loadu_si512(q0 + i));
+    a1 = _mm512_or_si512(a1, _mm512_loadu_si512(q1 + i));
+    a2 = _mm512_or_si512(a2, _mm512_loadu_si512(q2 + i));
+    a3 = _mm512_or_si512(a3, _mm512_loadu_si512(q3 + i));
+  }
+  uint64_t acc = _mm512_reduce_or_epi64(_mm512_or_si512(_mm512_or_si512(a0, a1), _mm512_or_si512(a2, a3)));
+  for (int64_t i = 4 * quarter * 8; i < n; ++i) acc |= p[i];
+  return acc;
+}
+
+// Dense rows from the tile format: row r of a tile holds, for each of 16 outputs, one pair of inputs
+// (32 bits); a scatter of 16 dwords puts the expanded row into 16 rows of the dense matrix, zeros included,
+// so the dense matrix needs no clearing first.
+extern "C" void densify_bf16_avx512(const Bf16Problem& p, int64_t strip_begin, int64_t strip_end,
+                                    uint16_t* dense, int64_t ldd, int64_t k) {
+  const __m512i row_step = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int>(ldd / 2)));
+  for (int64_t s = strip_begin; s < strip_end; ++s) {
+    const int64_t rows = p.n - s * 16 < 16 ? p.n - s * 16 : 16;
+    const __mmask16 valid = rows >= 16 ? 0xffff : static_cast<__mmask16>((1u << rows) - 1);
+    const uint16_t* v = p.values + p.strip_offsets[s];
+    const uint32_t* bm = reinterpret_cast<const uint32_t*>(p.bitmaps) + s * p.k_tiles * kRowsPerTile;
+    int32_t* base = reinterpret_cast<int32_t*>(dense + s * 16 * ldd);
+    for (int64_t t = 0; t < p.k_tiles; ++t) {
+      for (int r = 0; r < kRowsPerTile; ++r) {
+        const uint32_t mask = bm[t * kRowsPerTile + r];
+        const __m512i w = _mm512_maskz_expandloadu_epi16(mask, v);
+        v += _mm_popcnt_u32(mask);
+        const int64_t pair = t * 16 + r;  // column pair index: columns 2 pair, 2 pair + 1
+        if (2 * pair >= k) continue;      // padding columns (k is even here: see bindings)
+        _mm512_mask_i32scatter_epi32(base + pair, valid, row_step, w, 4);
+      }
+    }
+  }
+}
+
 #pragma GCC pop_options

@@ -76,3 +76,26 @@ extern "C" uint64_t stream_read_portable(const uint64_t* p, int64_t n) {
   for (; i < n; ++i) acc0 |= p[i];
   return acc0 | acc1 | acc2 | acc3;
 }
+
+extern "C" void densify_bf16_portable(const Bf16Problem& p, int64_t strip_begin, int64_t strip_end,
+                                      uint16_t* dense, int64_t ldd, int64_t k) {
+  for (int64_t s = strip_begin; s < strip_end; ++s) {
+    const int64_t rows = p.n - s * kStrip < kStrip ? p.n - s * kStrip : kStrip;
+    for (int64_t j = 0; j < rows; ++j) __builtin_memset(dense + (s * kStrip + j) * ldd, 0, k * 2);
+    const uint16_t* v = p.values + p.strip_offsets[s];
+    const int32_t* bm = p.bitmaps + s * p.k_tiles * kRowsPerTile;
+    for (int64_t t = 0; t < p.k_tiles; ++t) {
+      for (int r = 0; r < kRowsPerTile; ++r) {
+        uint32_t mask = static_cast<uint32_t>(bm[t * kRowsPerTile + r]);
+        const int64_t k0 = t * 32 + 2 * r;
+        while (mask) {
+          const int c = __builtin_ctz(mask);
+          mask &= mask - 1;
+          const uint16_t value = *v++;
+          const int64_t col = k0 + (c & 1);
+          if ((c >> 1) < rows && col < k) dense[(s * kStrip + (c >> 1)) * ldd + col] = value;
+        }
+      }
+    }
+  }
+}

@@ -56,6 +56,15 @@ void spmm_int8_portable(const Int8Problem& p, int64_t strip_begin, int64_t strip
 uint64_t stream_read_portable(const uint64_t* p, int64_t n);
 
 void spmm_bf16_avx512(const Bf16Problem& p, int64_t strip_begin, int64_t strip_end);
+// Four independent 64-byte load streams over [p, p + n) (n 64-bit words): the AVX-512 bandwidth meter.
+uint64_t stream_read_avx512(const uint64_t* p, int64_t n);
+
+// Expand strips [strip_begin, strip_end) of a compressed bf16 weight into a dense row-major bf16 matrix
+// dense[out, ldd] (columns k_tiles * 32, rows < n only): the prefill path's weight for a dense GEMM.
+void densify_bf16_portable(const Bf16Problem& p, int64_t strip_begin, int64_t strip_end, uint16_t* dense,
+                           int64_t ldd, int64_t k);
+void densify_bf16_avx512(const Bf16Problem& p, int64_t strip_begin, int64_t strip_end, uint16_t* dense,
+                         int64_t ldd, int64_t k);
 
 // AMX kernels need m_rows padded: x has round_up(m, 16) readable rows when m > 16.
 void spmm_bf16_amx(const Bf16Problem& p, int64_t strip_begin, int64_t strip_end);

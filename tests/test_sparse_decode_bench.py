@@ -1,0 +1,59 @@
+"""The decode harness: model shapes against the packaged models' parameter counts, the byte ceiling by hand,
+and a 2-layer run end to end."""
+
+import pytest
+import torch
+
+from effllm_lib.models import MODELS
+from effllm_lib.sparse import SparsifyConfig, sparsify_
+from effllm_lib.sparse.decode_bench import (MODEL_CONFIGS, bytes_per_token, decode_latency, linear_blocks,
+                                            model_config, random_model)
+
+
+@pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m", "qwen2.5-1.5b"])
+def test_configs_have_the_packaged_models_parameter_counts(name):
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config(name))
+    params = sum(p.numel() for p in model.parameters())  # tied embeddings counted once
+    assert params == MODELS[name].params
+
+
+def test_llama3_8b_shape():
+    c = model_config("llama3-8b")
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(c)
+    assert sum(p.numel() for p in model.parameters()) == 8_030_261_248  # Meta-Llama-3-8B
+
+
+def test_random_model_mask_and_ceiling_by_hand(one_thread):
+    dense = random_model("gemma3-270m", 0.5, layers=1)
+    q = dense.model.layers[0].self_attn.q_proj.weight
+    assert abs((q == 0).float().mean().item() - 0.5) < 0.01 and (dense.lm_head.weight != 0).float().mean() > 0.99
+    sparse = sparsify_(random_model("gemma3-270m", 0.5, layers=1), SparsifyConfig(method="none"))
+    bd, bs = bytes_per_token(dense, 100), bytes_per_token(sparse, 100)
+    # one layer: q 1024x640, k and v 256x640, o 640x1024, gate/up/down 2048x640 -> 5,570,560 weights
+    assert bd["linear_bytes"] == 2 * 5_570_560
+    assert bd["lm_head_bytes"] == bs["lm_head_bytes"] == 2 * 262144 * 640  # lm_head stays dense
+    assert bd["kv_bytes"] == 2 * 1 * 1 * 256 * 2 * 100
+    # compressed: 1 bit per weight + 2 bytes per nonzero (+ 8 bytes per strip, + small padding)
+    expect = 5_570_560 / 8 + 2 * 0.5 * 5_570_560
+    assert abs(bs["linear_bytes"] - expect) / expect < 0.01
+    assert len(linear_blocks(dense)) == 7 and len(linear_blocks(sparse)) == 3  # qkv, o, mlp
+
+
+def test_two_layer_run(one_thread):
+    df = decode_latency(["smollm2-135m"], 0.5, ["auto"], prompt=8, steps=2, warmup=1, rounds=2, layers=2,
+                        log=lambda m: None)
+    assert set(df.impl) == {"torch_bf16", "sparse_auto"}
+    assert (df.token_ms > 0).all() and (df.token_p10_ms <= df.token_ms).all()
+    assert (df.token_ms <= df.token_p90_ms).all()
+    d = df.set_index("impl")
+    assert d.loc["torch_bf16", "speedup_vs_torch"] == 1.0 and d.loc["sparse_auto", "ceiling"] > 1.0
+    assert d.loc["sparse_auto", "of_ceiling"] == pytest.approx(d.loc["sparse_auto", "speedup_vs_torch"] /
+                                                              d.loc["sparse_auto", "ceiling"])
+    with pytest.raises(ValueError, match="unknown model"):
+        model_config("gpt-5")
