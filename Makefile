@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PIP) install -q --upgrade pip
 	# the local CPU build of torch first, so nothing below can pull a CUDA build
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[test,book,math]"
+	$(PIP) install -q -c constraints.txt -e ".[test,book,math,train]"
 	touch $@
 
 env: $(VENV)/.installed
