@@ -24,9 +24,6 @@ STAND_INS = {
     "time_splitr32_learned_5_simulated": (
         "splitreason", "the paper's simulated workload (P=2048, D=16384, 256-token chunks) at 5% offload with our "
                        "pair's throughputs (SmolLM2-135M + Qwen2.5-1.5B, one thread of the 2-core CPU)"),
-    "avx_vs_amx_batch1_e2e": (
-        "sparamx", "kernel level, not end to end: AMX / AVX-512 sparse time over the linears of one Llama-3-8B "
-                   "decoder layer, 50% sparsity, batch 1, 16-core Xeon"),
 }
 
 
@@ -49,22 +46,10 @@ def splitreason_rows() -> list[dict]:
     return rows
 
 
-def sparamx_rows() -> list[dict]:
-    lat = results.load("sparamx", "layer_latency_xeon")
-    sel = lat[(lat.sparsity == 0.5) & (lat.tokens == 1)]
-    per_layer = (sel.latency_us * sel.count_per_decoder_layer).groupby(sel.impl).sum()
-    ratio = float(per_layer["sparse_amx"] / per_layer["sparse_avx512"])
-    return [{"claim_id": "avx_vs_amx_batch1_e2e", "ours": ratio, "status": "measured",
-             "stand_in": STAND_INS["avx_vs_amx_batch1_e2e"][1],
-             "reason": f"AMX {per_layer['sparse_amx']:.0f} us vs AVX-512 {per_layer['sparse_avx512']:.0f} us per "
-                       "decoder layer: on this Xeon the AMX kernel is ahead at batch 1, the paper's early "
-                       "measurement had AVX-512 ahead"}]
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.parse_args(argv)
-    for chapter, rows in (("splitreason", splitreason_rows()), ("sparamx", sparamx_rows())):
+    for chapter, rows in (("splitreason", splitreason_rows()),):
         path = results.save(pd.DataFrame(rows), chapter, "claims_standin", scale="full",
                             params={"claims": sorted(r["claim_id"] for r in rows)})
         print(f"wrote {path}")

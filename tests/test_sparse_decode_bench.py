@@ -1,6 +1,7 @@
 """The decode harness: model shapes against the packaged models' parameter counts, the byte ceiling by hand,
 and a 2-layer run end to end."""
 
+import pandas as pd
 import pytest
 import torch
 
@@ -57,3 +58,25 @@ def test_two_layer_run(one_thread):
                                                               d.loc["sparse_auto", "ceiling"])
     with pytest.raises(ValueError, match="unknown model"):
         model_config("gpt-5")
+
+
+def _decode_row(impl, ms, gbs, sparsity=0.5):
+    return {"model": "llama3-8b", "impl": impl, "mask_sparsity": sparsity, "threads": 16, "token_ms": ms,
+            "token_p10_ms": ms - 1, "token_p90_ms": ms + 1, "ceiling": 1.68, "read_gbs": gbs}
+
+
+def test_e2e_claims_by_hand():
+    from effllm_lib.sparse.decode_bench import e2e_claims
+
+    df = pd.DataFrame([_decode_row("torch_bf16", 300.0, 50.0), _decode_row("sparse_avx512", 150.0, 60.0),
+                       _decode_row("sparse_amx", 120.0, 75.0), _decode_row("sparse_amx", 1.0, 1.0, 0.7)])
+    rows = e2e_claims(df).set_index("claim_id").ours
+    assert rows["e2e_speedup_vs_pytorch"] == pytest.approx(300 / 120)  # fastest sparse kernel, 50% rows only
+    assert rows["avx_vs_amx_batch1_e2e"] == pytest.approx(120 / 150)
+
+
+def test_e2e_claims_needs_the_torch_baseline():
+    from effllm_lib.sparse.decode_bench import e2e_claims
+
+    with pytest.raises(ValueError, match="torch_bf16"):
+        e2e_claims(pd.DataFrame([_decode_row("sparse_amx", 120.0, 75.0)]))

@@ -15,14 +15,6 @@ def committed(tmp_data, monkeypatch):
     results.save(pd.DataFrame({"coverage": [0.0, 0.05], "pipelined_s": [1000.0, 1290.0],
                                "big_only_s": [6400.0, 6400.0], "speedup": [6.4, 4.96]}),
                  "splitreason", "simulator_our_pair", scale="full")
-    rows = []
-    for layer, count, avx, amx in (("q", 2, 100.0, 80.0), ("down", 1, 300.0, 200.0)):
-        for impl, us in (("sparse_avx512", avx), ("sparse_amx", amx), ("torch_bf16", 999.0)):
-            rows.append({"layer": layer, "count_per_decoder_layer": count, "sparsity": 0.5, "tokens": 1,
-                         "impl": impl, "latency_us": us})
-        rows.append({"layer": layer, "count_per_decoder_layer": count, "sparsity": 0.7, "tokens": 1,
-                     "impl": "sparse_amx", "latency_us": 1.0})
-    results.save(pd.DataFrame(rows), "sparamx", "layer_latency_xeon", scale="full")
 
 
 def test_splitreason_rows_are_percent_with_intervals(committed):
@@ -31,9 +23,3 @@ def test_splitreason_rows_are_percent_with_intervals(committed):
     assert (rows["acc_random_10"]["ours_lo"], rows["acc_random_10"]["ours_hi"]) == pytest.approx((1.0, 5.0))
     assert rows["time_splitr32_learned_5_simulated"]["ours"] == 1290.0
     assert all(r["stand_in"] for r in rows.values())
-
-
-def test_sparamx_ratio_weights_layers_by_count(committed):
-    (row,) = standins.sparamx_rows()
-    # hand-computed: AMX (2*80 + 200) / AVX-512 (2*100 + 300), 70% rows ignored
-    assert row["ours"] == pytest.approx(360 / 500)
