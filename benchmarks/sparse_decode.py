@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--suffix", default="", help="appended to every results name (e.g. _xeon)")
     ap.add_argument("--name", default="decode_latency")
     ap.add_argument("--no-overhead", action="store_true", help="skip the per-call fixed-cost table")
+    ap.add_argument("--no-dense-amx", action="store_true", help="skip the dense AMX baseline (AMX CPUs only)")
     ap.add_argument("--claims-from", metavar="NAME", help="only rewrite e2e_scorecard<suffix> from the committed "
                     "results file data/results/sparamx/NAME (e.g. decode_latency_xeon); measures nothing")
     args = ap.parse_args(argv)
@@ -88,7 +89,8 @@ def main(argv=None) -> int:
                                       extra=extra))
     df = decode_latency(models, args.sparsity, kernels, prompt=args.prompt if full else 16,
                         steps=args.steps or (32 if full else 4), rounds=args.rounds or (3 if full else 1),
-                        warmup=4 if full else 1, layers=None if full else 2, log=log)
+                        warmup=4 if full else 1, layers=None if full else 2,
+                        dense_amx="amx" in here and not args.no_dense_amx, log=log)
     if full:
         saved.append(results.save(df, "sparamx", f"{args.name}{args.suffix}", params=params, scale="full",
                                   extra=extra))

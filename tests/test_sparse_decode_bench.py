@@ -68,7 +68,8 @@ def _decode_row(impl, ms, gbs, sparsity=0.5):
 def test_e2e_claims_by_hand():
     from effllm_lib.sparse.decode_bench import e2e_claims
 
-    df = pd.DataFrame([_decode_row("torch_bf16", 300.0, 50.0), _decode_row("sparse_avx512", 150.0, 60.0),
+    df = pd.DataFrame([_decode_row("torch_bf16", 300.0, 50.0), _decode_row("dense_amx", 100.0, 90.0),
+                       _decode_row("sparse_avx512", 150.0, 60.0),
                        _decode_row("sparse_amx", 120.0, 75.0), _decode_row("sparse_amx", 1.0, 1.0, 0.7)])
     rows = e2e_claims(df).set_index("claim_id").ours
     assert rows["e2e_speedup_vs_pytorch"] == pytest.approx(300 / 120)  # fastest sparse kernel, 50% rows only
@@ -80,3 +81,19 @@ def test_e2e_claims_needs_the_torch_baseline():
 
     with pytest.raises(ValueError, match="torch_bf16"):
         e2e_claims(pd.DataFrame([_decode_row("sparse_amx", 120.0, 75.0)]))
+
+
+@pytest.mark.skipif("amx" not in __import__("effllm_lib.sparse", fromlist=["x"]).available_kernels("bf16"),
+                    reason="needs an AMX CPU")
+def test_dense_amx_linear_matches_f_linear(one_thread):
+    from effllm_lib.sparse.decode_bench import DenseAMXLinear, dense_amx_model
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(100, 70, bias=True).bfloat16()  # odd sizes: padding of K and of the output strips
+    x = torch.randn(3, 5, 100).bfloat16()
+    ref = torch.nn.functional.linear(x.float(), lin.weight.float(), lin.bias.float())
+    got = DenseAMXLinear(lin)(x).float()
+    assert got.shape == ref.shape
+    torch.testing.assert_close(got, ref, atol=0.05, rtol=0.02)
+    m = dense_amx_model(random_model("smollm2-135m", 0.5, layers=2))
+    assert sum(isinstance(mod, DenseAMXLinear) for mod in m.modules()) == 2 * 7
