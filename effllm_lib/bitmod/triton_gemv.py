@@ -33,6 +33,8 @@ two >= 64 (the CPU kernels take any).
 from __future__ import annotations
 
 import os
+import re
+from functools import lru_cache
 
 import torch
 
@@ -54,8 +56,11 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# value x 2^-UNIT is what the FP16 bit pattern of a code holds (see the module docstring)
+# value x 2^-UNIT is what the FP16 bit pattern of a code holds (tl.dot path), value x 2^-UNIT32 its FP32 pattern
+# (batch-1 path, whose activations are scaled by 2^X_LOG2 so that the products stay normal FP32 numbers)
 UNIT_LOG2 = {4: 15, 3: 14}
+UNIT32_LOG2 = {4: 127, 3: 126}
+X_LOG2 = 100
 
 
 def _fp16_bits(value: float) -> int:
@@ -65,10 +70,24 @@ def _fp16_bits(value: float) -> int:
     return bits
 
 
+@lru_cache(maxsize=2)
 def special_patterns(bits: int) -> tuple[int, int]:
     """FP16 bit patterns of the positive ER and EA special values x 2^-UNIT (the sign is bit 15)."""
     er, _, ea, _ = SPECIAL_VALUES[bits]
     return _fp16_bits(er * 2.0 ** -UNIT_LOG2[bits]), _fp16_bits(ea * 2.0 ** -UNIT_LOG2[bits])
+
+
+@lru_cache(maxsize=2)
+def special_patterns32(bits: int) -> tuple[int, int]:
+    """FP32 bit patterns of the positive ER and EA special values x 2^-UNIT32 (normal numbers; sign is bit 31)."""
+    er, _, ea, _ = SPECIAL_VALUES[bits]
+    out = []
+    for value in (er, ea):
+        v = torch.tensor(value * 2.0 ** -UNIT32_LOG2[bits], dtype=torch.float64).float()
+        if float(v) * 2.0 ** UNIT32_LOG2[bits] != value or float(v) < torch.finfo(torch.float32).tiny:
+            raise AssertionError(f"{value} x 2^-{UNIT32_LOG2[bits]} is not an exact normal FP32 number")
+        out.append(int(v.view(torch.int32).item()))
+    return tuple(out)
 
 
 if triton is not None:
@@ -97,17 +116,19 @@ if triton is not None:
         return h.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
     @triton.jit
-    def _group_meta(scales_ptr, types_ptr, rows_c, g, n_groups, type_stride,
-                    UNIT: tl.constexpr, ER_PAT: tl.constexpr, EA_PAT: tl.constexpr):
-        """Per row of the tile, for group g: scale x 2^UNIT in fp32 (0 past the last group) and the FP16
-        pattern of the special value of the row's type (ER+ ER- EA+ EA- = ids 0..3)."""
+    def _value32(h, special):
+        """FP32 bit pattern -> value x 2^-UNIT32; the -0 code (INT32_MIN) becomes the group's special value."""
+        return tl.where(h == -2147483648, special, h).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _group_meta(scales_ptr, types_ptr, rows_c, g, n_groups, type_stride):
+        """Per row of the tile, for group g: the clamped group index, the scale in fp32 (0 past the last group)
+        and the type id (ER+ ER- EA+ EA- = 0..3)."""
         gc = tl.minimum(g, n_groups - 1)
-        s = tl.load(scales_ptr + rows_c * n_groups + gc).to(tl.float32) * UNIT
+        s = tl.load(scales_ptr + rows_c * n_groups + gc).to(tl.float32)
         s = tl.where(g < n_groups, s, 0.0)
         tb = tl.load(types_ptr + rows_c * type_stride + gc // 4).to(tl.int32)
-        t = (tb >> (2 * (gc % 4))) & 3
-        special = tl.where(t >= 2, EA_PAT, ER_PAT) | ((t & 1) << 15)
-        return gc, s, special
+        return gc, s, (tb >> (2 * (gc % 4))) & 3
 
     @triton.jit
     def _load_x(ptrs, col, K, EVEN_K: tl.constexpr):
@@ -118,10 +139,45 @@ if triton is not None:
         return xv.to(tl.float32)
 
     @triton.jit
+    def _pattern4(w, S: tl.constexpr):
+        """FP16 pattern of the 4-bit code at bit S of the int32 words w: magnitude bits to 9-11, sign to 15."""
+        return (_shift(w, 9 - S) & 0x0E00) | (_shift(w, 12 - S) & 0x8000)
+
+    @triton.jit
+    def _pattern3(w, sw, first, b: tl.constexpr, k: tl.constexpr):
+        """FP16 pattern of the 3-bit codes first + b (first = 4q + kQ): the 2-bit field at bit 8b + 2k of the
+        plane word w to bits 10-11, the sign (bit (first % 32) + b of the sign word sw) to 15."""
+        sign = ((sw >> ((first % 32) + b)[None, :]) << 15) & 0x8000
+        return (_shift(w, 10 - (8 * b + 2 * k)) & 0x0C00) | sign
+
+    @triton.jit
+    def _sign_words(codes32_ptr, wrow, rows_c, row_words, gc, first, k: tl.constexpr, WPG: tl.constexpr,
+                    NW: tl.constexpr, Q: tl.constexpr):
+        """3 bits: the sign-plane words for codes 4q + b + kQ, i.e. word (4q + kQ) // 32 of the group's plane."""
+        if Q <= 32:   # one word per row
+            sw = tl.load(codes32_ptr + rows_c * row_words + gc * WPG + NW + (k * Q) // 32)[:, None]
+        else:
+            sw = tl.load(wrow + NW + (first // 32)[None, :])
+        return sw
+
+    @triton.jit
+    def _dot_lane(acc, h, special, s, x_ptr, toks, tok_ok, stride_xm, col, K, W_DTYPE: tl.constexpr,
+                  IN_PREC: tl.constexpr, BF16_BY_BITS: tl.constexpr):
+        """acc[tokens, rows] += x[:, col] . weight[rows, col]; the weight = value x scale rounded to its dtype."""
+        wf = _value(h, special) * s   # = value x scale in fp32, as dequantize computes it
+        if BF16_BY_BITS:  # Triton's interpreter truncates fp32 -> bf16; the GPU rounds to nearest even
+            wf = _round_bf16_bits(wf)
+        xb = tl.load(x_ptr + toks[:, None] * stride_xm + col[None, :], mask=tok_ok[:, None] & (col < K)[None, :],
+                     other=0.0)
+        wq = wf.to(W_DTYPE).to(xb.dtype)
+        return acc + tl.dot(xb, tl.trans(wq), out_dtype=tl.float32, input_precision=IN_PREC)
+
+    @triton.jit
     def _bitmod_kernel(x_ptr, codes32_ptr, codes8_ptr, scales_ptr, types_ptr, out_ptr,
                        M, N, K, n_groups, stride_xm, row_words, type_stride, m_bucket,
                        BITS: tl.constexpr, GROUP: tl.constexpr, UNIT: tl.constexpr,
-                       ER_PAT: tl.constexpr, EA_PAT: tl.constexpr, W_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
+                       ER_PAT: tl.constexpr, EA_PAT: tl.constexpr, UNIT32: tl.constexpr, X_SCALE: tl.constexpr,
+                       ER32: tl.constexpr, EA32: tl.constexpr, W_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
                        IN_PREC: tl.constexpr, BF16_BY_BITS: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
                        USE_DOT: tl.constexpr):
@@ -133,89 +189,111 @@ if triton is not None:
         row_ok = rows < N
         rows_c = tl.minimum(rows, N - 1)          # clamped: the weight stream needs no masks
         WPG: tl.constexpr = GROUP * BITS // 32    # int32 words per group and row
+        NW: tl.constexpr = GROUP * (BITS - 2) // 16   # words read per lane: 4 bits all G/8; 3 bits the 2-bit plane
         Q: tl.constexpr = GROUP // 4              # 3 bits: codes per 2-bit field position
-        if not USE_DOT:
-            # ---- one token per program: int32 words, one lane per code position, FP32 multiply-add
-            NW: tl.constexpr = GROUP * (BITS - 2) // 16   # 4 bits: all G/8 words; 3 bits: the G/16 of the 2-bit plane
-            q = tl.arange(0, NW)
+        q = tl.arange(0, NW)
+        if USE_DOT:
+            # ---- BLOCK_M tokens: weights decoded (value x scale rounded to the weight dtype), then tl.dot
+            toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            tok_ok = toks < M
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for gi in tl.static_range(GROUPS_PER_PROG):
+                gc, s, t = _group_meta(scales_ptr, types_ptr, rows_c, pid_k * GROUPS_PER_PROG + gi, n_groups,
+                                       type_stride)
+                special = (tl.where(t >= 2, EA_PAT, ER_PAT) | ((t & 1) << 15))[:, None]   # FP16 pattern
+                s = s[:, None] * UNIT
+                if NW >= 16:  # one tl.dot per code position (lane), K = the NW words: as the batch-1 path decodes
+                    wrow = codes32_ptr + rows_c[:, None] * row_words + gc * WPG
+                    w = tl.load(wrow + q[None, :])
+                    if BITS == 4:
+                        for hi in tl.static_range(2):
+                            for b in tl.static_range(4):
+                                acc = _dot_lane(acc, _pattern4(w, 8 * b + 4 * hi), special, s, x_ptr, toks, tok_ok,
+                                                stride_xm, gc * GROUP + hi * (GROUP // 2) + 4 * q + b, K, W_DTYPE,
+                                                IN_PREC, BF16_BY_BITS)
+                    else:
+                        for k in tl.static_range(4):
+                            first = 4 * q + k * Q
+                            sw = _sign_words(codes32_ptr, wrow, rows_c, row_words, gc, first, k, WPG, NW, Q)
+                            for b in tl.static_range(4):
+                                acc = _dot_lane(acc, _pattern3(w, sw, first, b, k), special, s, x_ptr, toks, tok_ok,
+                                                stride_xm, gc * GROUP + first + b, K, W_DTYPE, IN_PREC, BF16_BY_BITS)
+                else:  # too few words per lane for tl.dot (K >= 16): decode the group in column order
+                    j = tl.arange(0, GROUP)
+                    brow = codes8_ptr + rows_c[:, None] * (row_words * 4) + gc * (WPG * 4)
+                    if BITS == 4:   # code j: byte j % (G/2), low nibble for j < G/2
+                        byte = tl.load(brow + (j % (GROUP // 2))[None, :]).to(tl.int32)
+                        c = (byte >> (4 * (j // (GROUP // 2)))[None, :]) & 15
+                        h = ((c & 7) << 9) | ((c & 8) << 12)
+                    else:   # code j: bits 2(j // Q) of 2-bit-plane byte j % Q; sign: bit j % 8 of sign byte j // 8
+                        byte = tl.load(brow + (j % Q)[None, :]).to(tl.int32)
+                        sb = tl.load(brow + Q + (j // 8)[None, :]).to(tl.int32)
+                        h = (((byte >> (2 * (j // Q))[None, :]) & 3) << 10) | (((sb >> (j % 8)[None, :]) & 1) << 15)
+                    acc = _dot_lane(acc, h, special, s, x_ptr, toks, tok_ok, stride_xm, gc * GROUP + j, K, W_DTYPE,
+                                    IN_PREC, BF16_BY_BITS)
+            tl.atomic_add(out_ptr + toks[:, None] * N + rows[None, :], acc,
+                          mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
+        else:
+            # ---- one token per program: int32 words, one lane per code position, FP32 multiply-add, the
+            # group's scale applied to the group's partial sums. Codes decode straight to FP32 bit patterns
+            # (value x 2^-UNIT32: code 1 of 4 bits is an FP32 subnormal, which FFMA keeps: no flush to zero), so
+            # x is scaled by 2^X_LOG2 to keep the products normal
             xrow = x_ptr + pid_m * stride_xm
             acc = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
             for gi in tl.static_range(GROUPS_PER_PROG):
-                gc, s, special = _group_meta(scales_ptr, types_ptr, rows_c, pid_k * GROUPS_PER_PROG + gi,
-                                             n_groups, type_stride, UNIT, ER_PAT, EA_PAT)
-                special = special[:, None]
+                gc, s, t = _group_meta(scales_ptr, types_ptr, rows_c, pid_k * GROUPS_PER_PROG + gi, n_groups,
+                                       type_stride)
+                special = (tl.where(t >= 2, EA32, ER32) | ((t & 1) << 31))[:, None]   # FP32 pattern
                 wrow = codes32_ptr + rows_c[:, None] * row_words + gc * WPG
                 w = tl.load(wrow + q[None, :])
                 part = tl.zeros((BLOCK_N, NW), dtype=tl.float32)
                 if BITS == 4:
                     for hi in tl.static_range(2):
-                        for b in tl.static_range(4):
-                            S = 8 * b + 4 * hi          # the nibble's bit offset in the word
-                            h = (_shift(w, 9 - S) & 0x0E00) | (_shift(w, 12 - S) & 0x8000)
-                            col = gc * GROUP + hi * (GROUP // 2) + 4 * q + b
-                            part += _value(h, special) * _load_x(xrow + col, col, K, EVEN_K)[None, :]
+                        for odd in tl.static_range(2):
+                            # the nibbles of bytes odd and odd + 2 moved to bits 0 and 16, magnitudes kept and
+                            # signs copied 6 bits up (bits 9 and 25; other bits are don't-cares): one shift and
+                            # one mask per nibble then give its FP32 pattern (magnitude bits 22-24, sign 31)
+                            v = w >> (4 * hi + 8 * odd)
+                            spread = (v & 0x00070007) | ((v << 6) & ~0x00070007)
+                            for half in tl.static_range(2):   # byte odd + 2 half of each word
+                                col = gc * GROUP + hi * (GROUP // 2) + 4 * q + (odd + 2 * half)
+                                h = _shift(spread, 22 - 16 * half) & -0x7E400000          # 0x81C00000
+                                part += (_value32(h, special)
+                                         * (_load_x(xrow + col, col, K, EVEN_K) * X_SCALE)[None, :])
                 else:
                     for k in tl.static_range(4):
-                        # sign bits of codes 4q + b + kQ: bit (4q + kQ) % 32 + b of sign word (4q + kQ) // 32
                         first = 4 * q + k * Q
-                        if Q <= 32:   # one sign word per row for this k
-                            sw = tl.load(codes32_ptr + rows_c * row_words + gc * WPG + NW + (k * Q) // 32)[:, None]
-                        else:
-                            sw = tl.load(wrow + NW + (first // 32)[None, :])
+                        sw = _sign_words(codes32_ptr, wrow, rows_c, row_words, gc, first, k, WPG, NW, Q)
                         for b in tl.static_range(4):
-                            S = 8 * b + 2 * k          # the 2-bit field's offset in the word
-                            sign = ((sw >> ((first % 32) + b)[None, :]) << 15) & 0x8000
-                            h = (_shift(w, 10 - S) & 0x0C00) | sign
                             col = gc * GROUP + first + b
-                            part += _value(h, special) * _load_x(xrow + col, col, K, EVEN_K)[None, :]
-                acc += part * s[:, None]
+                            # the 2-bit field at bit 8b + 2k to the FP32 exponent (bits 23-24), the sign to 31
+                            h = ((_shift(w, 23 - (8 * b + 2 * k)) & 0x01800000)
+                                 | ((sw >> ((first % 32) + b)[None, :]) << 31))
+                            part += (_value32(h, special)
+                                     * (_load_x(xrow + col, col, K, EVEN_K) * X_SCALE)[None, :])
+                acc += part * (s * UNIT32)[:, None]
             tl.atomic_add(out_ptr + pid_m * N + rows, tl.sum(acc, axis=1), mask=row_ok, sem="relaxed")
-        else:
-            # ---- BLOCK_M tokens: decode each group in column order to the weight dtype, then tl.dot
-            toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            tok_ok = toks < M
-            j = tl.arange(0, GROUP)
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for gi in tl.static_range(GROUPS_PER_PROG):
-                gc, s, special = _group_meta(scales_ptr, types_ptr, rows_c, pid_k * GROUPS_PER_PROG + gi,
-                                             n_groups, type_stride, UNIT, ER_PAT, EA_PAT)
-                brow = codes8_ptr + rows_c[:, None] * (row_words * 4) + gc * (WPG * 4)
-                if BITS == 4:   # code j: byte j % (G/2), low nibble for j < G/2
-                    byte = tl.load(brow + (j % (GROUP // 2))[None, :]).to(tl.int32)
-                    c = (byte >> (4 * (j // (GROUP // 2)))[None, :]) & 15
-                    h = ((c & 7) << 9) | ((c & 8) << 12)
-                else:           # code j: bits 2(j // Q) of 2-bit-plane byte j % Q; sign: bit j % 8 of plane-1 byte j // 8
-                    byte = tl.load(brow + (j % Q)[None, :]).to(tl.int32)
-                    sb = tl.load(brow + Q + (j // 8)[None, :]).to(tl.int32)
-                    h = (((byte >> (2 * (j // Q))[None, :]) & 3) << 10) | (((sb >> (j % 8)[None, :]) & 1) << 15)
-                wf = _value(h, special[:, None]) * s[:, None]   # = value x scale in fp32, as dequantize
-                if BF16_BY_BITS:  # Triton's interpreter truncates fp32 -> bf16; the GPU rounds to nearest even
-                    wf = _round_bf16_bits(wf)
-                col = gc * GROUP + j
-                xb = tl.load(x_ptr + toks[:, None] * stride_xm + col[None, :],
-                             mask=tok_ok[:, None] & (col < K)[None, :], other=0.0)
-                wq = wf.to(W_DTYPE).to(xb.dtype)
-                acc += tl.dot(xb, tl.trans(wq), out_dtype=tl.float32, input_precision=IN_PREC)
-            tl.atomic_add(out_ptr + toks[:, None] * N + rows[None, :], acc,
-                          mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
 
     def _configs():
+        # batch-1 path: each thread holds BLOCK_N / (8 x num_warps) rows (8 rows per warp at 4 words a thread),
+        # and every activation it loads serves that many rows: 8 rows (the first four) keep the activation
+        # loads and conversions to ~1/4 instruction per weight; SASS counts per weight are in the benchmark
         cfgs = []
-        for bn, gpp, nw in ((64, 2, 2), (128, 2, 4), (128, 4, 4), (256, 2, 4), (256, 4, 8), (128, 1, 2)):
+        for bn, gpp, nw in ((128, 2, 2), (256, 2, 4), (128, 1, 2), (128, 2, 4), (128, 4, 4), (256, 4, 8)):
             cfgs.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "GROUPS_PER_PROG": gpp, "USE_DOT": False},
                                       num_warps=nw))
-        for bm, bn, gpp, nw in ((16, 64, 1, 4), (16, 128, 2, 4), (16, 64, 4, 4), (32, 64, 2, 4), (64, 64, 2, 4),
+        for bm, bn, gpp, nw in ((16, 64, 1, 4), (16, 64, 2, 4), (16, 128, 2, 4), (32, 64, 2, 4), (64, 64, 2, 4),
                                 (64, 128, 1, 8)):
             cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUPS_PER_PROG": gpp, "USE_DOT": True},
                                       num_warps=nw))
         return cfgs
 
     def _prune(configs, named_args, **kwargs):
-        """One token: the batch-1 configs and the smallest tl.dot ones (measured against each other); more
-        tokens: tl.dot configs whose token block does not exceed the bucket (16 at least)."""
+        """One token: the batch-1 configs (the tl.dot path spends about twice the instructions per weight);
+        more tokens: tl.dot configs whose token block does not exceed the bucket (16 at least)."""
         mb = named_args["m_bucket"]
         if mb == 1:
-            return [c for c in configs if not c.kwargs["USE_DOT"] or c.kwargs["BLOCK_M"] == 16]
+            return [c for c in configs if not c.kwargs["USE_DOT"]]
         return [c for c in configs if c.kwargs["USE_DOT"] and c.kwargs["BLOCK_M"] <= max(16, mb)]
 
     _bitmod_kernel_tuned = triton.autotune(
@@ -237,7 +315,7 @@ def token_bucket(m: int) -> int:
 def default_config(m: int) -> dict:
     """The config used without autotuning (the interpreter, or ``config={}``): batch-1 path for one token."""
     if m == 1:
-        return {"block_m": 1, "block_n": 64, "groups_per_prog": 2, "use_dot": False, "num_warps": 4}
+        return {"block_m": 1, "block_n": 128, "groups_per_prog": 2, "use_dot": False, "num_warps": 2}
     return {"block_m": 16 if m <= 16 else 32, "block_n": 64, "groups_per_prog": 1, "use_dot": True, "num_warps": 4}
 
 
@@ -253,12 +331,8 @@ def tuned_config(m: int, n: int, k: int, bits: int, group_size: int, x_dtype: to
     return None
 
 
-def bitmod_linear_triton(x: torch.Tensor, p: PackedBitMoD, bias: torch.Tensor | None = None,
-                         config: dict | None = None) -> torch.Tensor:
-    """``x @ dequantize(p).T + bias`` with the Triton kernel; returned in ``x.dtype``.
-
-    ``config``: None autotunes (on a GPU; the interpreter uses ``default_config``); a dict with any of
-    ``CONFIG_KEYS`` pins the launch (missing keys from ``default_config``)."""
+def _prepare(x: torch.Tensor, p: PackedBitMoD, config: dict | None):
+    """Checks; returns (x2, out, kernel args, constexpr meta, grid function)."""
     if triton is None:
         raise RuntimeError("triton is not installed (pip install triton; it is optional)")
     if x.shape[-1] != p.in_features:
@@ -277,16 +351,16 @@ def bitmod_linear_triton(x: torch.Tensor, p: PackedBitMoD, bias: torch.Tensor | 
         x2 = x2.contiguous()
     m, n = x2.shape[0], p.out_features
     out = torch.zeros(m, n, dtype=torch.float32, device=x.device)
-    if m == 0:
-        return out.to(x.dtype).view(*x.shape[:-1], n)
     codes8 = p.codes.contiguous()
     if codes8.data_ptr() % 16:
         codes8 = codes8.clone()
     codes32 = codes8.view(torch.int32)
     er_pat, ea_pat = special_patterns(p.bits)
     args = (x2, codes32, codes8, p.scales.contiguous(), p.type_ids.contiguous(), out, m, n, p.in_features,
-            p.n_groups, x2.stride(0), codes32.shape[1], p.type_ids.shape[1], token_bucket(m))
+            p.n_groups, x2.stride(0), codes32.shape[1], p.type_ids.shape[1], token_bucket(max(m, 1)))
+    er32, ea32 = special_patterns32(p.bits)
     meta = dict(BITS=p.bits, GROUP=gs, UNIT=float(2 ** UNIT_LOG2[p.bits]), ER_PAT=er_pat, EA_PAT=ea_pat,
+                UNIT32=float(2.0 ** (UNIT32_LOG2[p.bits] - X_LOG2)), X_SCALE=float(2.0 ** X_LOG2), ER32=er32, EA32=ea32,
                 W_DTYPE=_TL_DTYPE[p.dtype], EVEN_K=p.in_features % gs == 0,
                 IN_PREC="ieee" if x.dtype == torch.float32 else "tf32",
                 BF16_BY_BITS=p.dtype == torch.bfloat16 and _interpreting())
@@ -294,7 +368,31 @@ def bitmod_linear_triton(x: torch.Tensor, p: PackedBitMoD, bias: torch.Tensor | 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(p.n_groups, meta_["GROUPS_PER_PROG"]),
                 triton.cdiv(m, meta_["BLOCK_M"]))
+    return x2, out, args, meta, grid
 
+
+def _launch(args, meta, grid, config: dict, m: int):
+    """Launch with a pinned config; returns Triton's compiled kernel object."""
+    cfg = {**default_config(m), **config}
+    if cfg["use_dot"] and (cfg["block_m"] < 16 or cfg["block_n"] < 16):
+        raise ValueError(f"the tl.dot path needs block_m and block_n >= 16, got {cfg}")
+    if not cfg["use_dot"] and cfg["block_m"] != 1:
+        raise ValueError(f"the batch-1 path takes one token per program (block_m=1), got {cfg}")
+    return _bitmod_kernel[grid](*args, **meta, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
+                                GROUPS_PER_PROG=cfg["groups_per_prog"], USE_DOT=cfg["use_dot"],
+                                num_warps=cfg["num_warps"])
+
+
+def bitmod_linear_triton(x: torch.Tensor, p: PackedBitMoD, bias: torch.Tensor | None = None,
+                         config: dict | None = None) -> torch.Tensor:
+    """``x @ dequantize(p).T + bias`` with the Triton kernel; returned in ``x.dtype``.
+
+    ``config``: None autotunes (on a GPU; the interpreter uses ``default_config``); a dict with any of
+    ``CONFIG_KEYS`` pins the launch (missing keys from ``default_config``)."""
+    x2, out, args, meta, grid = _prepare(x, p, config)
+    m, n = out.shape
+    if m == 0:
+        return out.to(x.dtype).view(*x.shape[:-1], n)
     if config is None and not _interpreting():
         before = len(_bitmod_kernel_tuned.cache)
         _bitmod_kernel_tuned[grid](*args, **meta)
@@ -302,14 +400,58 @@ def bitmod_linear_triton(x: torch.Tensor, p: PackedBitMoD, bias: torch.Tensor | 
             out.zero_()
             _bitmod_kernel_tuned[grid](*args, **meta)
     else:
-        cfg = {**default_config(m), **(config or {})}
-        if cfg["use_dot"] and (cfg["block_m"] < 16 or cfg["block_n"] < 16):
-            raise ValueError(f"the tl.dot path needs block_m and block_n >= 16, got {cfg}")
-        if not cfg["use_dot"] and cfg["block_m"] != 1:
-            raise ValueError(f"the batch-1 path takes one token per program (block_m=1), got {cfg}")
-        _bitmod_kernel[grid](*args, **meta, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
-                             GROUPS_PER_PROG=cfg["groups_per_prog"], USE_DOT=cfg["use_dot"],
-                             num_warps=cfg["num_warps"])
+        _launch(args, meta, grid, config or {}, m)
     if bias is not None:
         out += bias.float()
     return out.to(x.dtype).view(*x.shape[:-1], n)
+
+
+def _sass(kernel) -> str | None:
+    """SASS of a compiled kernel: Triton's own disassembly, else nvdisasm (shipped in Triton's wheel) on the cubin."""
+    try:
+        return kernel.asm["sass"]
+    except Exception:  # noqa: BLE001 - older Triton or no cuobjdump
+        pass
+    try:
+        import subprocess
+        import tempfile
+        nvdisasm = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "nvdisasm")
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(kernel.asm["cubin"])
+            f.flush()
+            out = subprocess.run([nvdisasm, "-c", f.name], capture_output=True, text=True, timeout=120)
+        return out.stdout if out.returncode == 0 and out.stdout else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def count_sass(text: str) -> int:
+    """Instructions in a SASS listing, NOP padding left out: cuobjdump / nvdisasm lines ("/*0a40*/  LOP3 ...")
+    or Triton's own listing with control codes ("--:-:-:-:1<TAB>LOP3 ...")."""
+    n = 0
+    for line in text.splitlines():
+        m = re.match(r"\s*/\*[0-9a-f]{4,}\*/\s+(.*)", line) or re.match(r"[-0-9A-Fa-f]{2}:\S*\t(.*)", line)
+        if m and "NOP" not in m.group(1).split(";")[0].split():
+            n += 1
+    return n
+
+
+def instruction_count(x: torch.Tensor, p: PackedBitMoD, config: dict) -> dict:
+    """Static instruction count of the kernel compiled for ``config`` (SASS where Triton can disassemble its
+    cubin, else PTX) and the launch's size. The kernel has no loops, so each thread issues each instruction
+    once: count x 32 x num_warps x programs = thread-instructions of one call."""
+    x2, out, args, meta, grid = _prepare(x, p, config)
+    cfg = {**default_config(out.shape[0]), **config}
+    kernel = _launch(args, meta, grid, cfg, out.shape[0])
+    text, kind = _sass(kernel), "sass"
+    if text is None:  # no disassembler: PTX instructions (lines ending in ';', no directives)
+        text, kind = kernel.asm["ptx"], "ptx"
+        count = sum(1 for line in (ln.strip() for ln in text.splitlines())
+                    if line.endswith(";") and not line.startswith((".", "//", "{", "}")))
+    else:
+        count = count_sass(text)
+    g = grid({"BLOCK_N": cfg["block_n"], "GROUPS_PER_PROG": cfg["groups_per_prog"], "BLOCK_M": cfg["block_m"]})
+    programs = g[0] * g[1] * g[2]
+    return {"kind": kind, "per_thread": count, "num_warps": cfg["num_warps"], "programs": programs,
+            "thread_instructions": count * 32 * cfg["num_warps"] * programs,
+            "registers": getattr(kernel, "n_regs", None), "spills": getattr(kernel, "n_spills", None)}
