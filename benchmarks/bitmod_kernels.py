@@ -103,10 +103,11 @@ def _int4_codes(n, k, seed):
 
 
 def _int4_reference(x, q, sz):
-    """tinygemm's dequantization: (q - 8) x scale + zero."""
-    w = (q.float() - 8) * sz[..., 0].float().T.repeat_interleave(GROUP, 1) + sz[..., 1].float().T.repeat_interleave(
-        GROUP, 1)
-    return x.float() @ w.T.to(x.device)
+    """tinygemm's dequantization: (q - 8) x scale + zero, on x's device."""
+    q, sz = q.to(x.device), sz.to(x.device)
+    scale = sz[..., 0].float().T.repeat_interleave(GROUP, 1)
+    zero = sz[..., 1].float().T.repeat_interleave(GROUP, 1)
+    return x.float() @ ((q.float() - 8) * scale + zero).T
 
 
 def cpu_int4_weight(n, k, seed=0):
