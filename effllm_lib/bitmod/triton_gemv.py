@@ -11,18 +11,21 @@ memory, is the limit. So the kernel is built to be cheap per weight and to keep 
   input dimension, thousands of programs), loads its whole tile up front and adds its partial sums to an FP32
   output with atomics. Rows past the end are clamped (every load unmasked); groups past the end get scale 0.
 * Decode without a table in memory: a 4-bit code is a sign-magnitude FP4 E2M1 code (x2), so moving its three
-  magnitude bits to bits 9-11 and its sign to bit 15 of an FP16 gives value x 2^-15 exactly (code 1 lands on an
-  FP16 subnormal, which conversions keep); 3-bit codes go to bits 10-11 (value x 2^-14). Two shifts and one
-  AND-OR per weight, read straight from the int32 word that holds it. The only code whose meaning depends on
-  the group's data type, -0 (FP16 pattern 0x8000), is swapped for the type's special value by one compare and
-  select per weight: that is the per-group "lookup table" in registers.
-* Batch-1 path (``USE_DOT=False``): the 4-bit codes are read as int32 words (word q of a group holds codes
-  4q..4q+3 in its low nibbles and 64+4q.. in its high nibbles at group 128), one lane per nibble position, FP32
-  multiply-add with the matching activations, the group's scale applied once per group to the partial sums
-  (as BitMoD's own PE does). This path multiplies by value x scale unrounded, not by the weight rounded to its
-  dtype (the difference is at most half an ulp of the weight dtype per weight).
-* Batch > 1 path (``USE_DOT=True``): each group's codes are decoded in natural column order, multiplied by the
-  scale and rounded to the weight dtype (bit for bit the fake-quantized weight), then ``tl.dot`` over tokens.
+  magnitude bits to the low exponent / top mantissa bits of a float and its sign to the sign bit gives the
+  value times a power of two exactly: FP32 bits 22-24 and 31 (value x 2^-127; code 1 lands on an FP32
+  subnormal, which FFMA keeps) in the batch-1 path, FP16 bits 9-11 and 15 (value x 2^-15) in the tl.dot path;
+  3-bit codes go to the exponent alone (x 2^-126 / 2^-14). The only code whose meaning depends on the group's
+  data type, -0, is swapped for the type's special value by one compare and one select per weight: that is the
+  per-group "lookup table" in registers.
+* Batch-1 path (``USE_DOT=False``): the codes are read as int32 words (word q of a 4-bit group holds codes
+  4q..4q+3 in its low nibbles and G/2+4q.. in its high nibbles), one lane per code position; each nibble's sign
+  is first copied next to its magnitude so that one shift and one mask give its FP32 pattern. Activations are
+  scaled by 2^100 to keep the products normal; FP32 multiply-add; the group's scale applied once per group to
+  the partial sums (as BitMoD's own PE does). This path multiplies by value x scale unrounded, not by the weight
+  rounded to its dtype (at most half an ulp of the weight dtype apart per weight). Compiled for sm_90 it spends
+  about 8 SASS instructions per weight: at H200 rates that, not HBM bandwidth, is the limit.
+* Batch > 1 path (``USE_DOT=True``): each code lane is decoded, multiplied by the scale and rounded to the
+  weight dtype (bit for bit the fake-quantized weight), then ``tl.dot`` over the tokens.
 
 ``bitmod_linear_triton`` autotunes tile sizes per (token bucket, shape) with ``triton.autotune`` on first use
 (``config=`` pins one). Triton is optional: ``triton_available()`` says whether it imports; without a GPU,
