@@ -322,15 +322,25 @@ def default_config(m: int) -> dict:
     return {"block_m": 16 if m <= 16 else 32, "block_n": 64, "groups_per_prog": 1, "use_dot": True, "num_warps": 4}
 
 
+def _as_dict(cfg) -> dict:
+    kw = cfg.kwargs
+    return {"block_m": kw["BLOCK_M"], "block_n": kw["BLOCK_N"], "groups_per_prog": kw["GROUPS_PER_PROG"],
+            "use_dot": kw["USE_DOT"], "num_warps": cfg.num_warps}
+
+
+def last_config() -> dict | None:
+    """The config of the most recent autotuned call (None before any)."""
+    cfg = getattr(_bitmod_kernel_tuned, "best_config", None) if triton is not None else None
+    return None if cfg is None else _as_dict(cfg)
+
+
 def tuned_config(m: int, n: int, k: int, bits: int, group_size: int, x_dtype: torch.dtype) -> dict | None:
     """The config the autotuner picked for this call signature (None before the first call)."""
     if triton is None:
         return None
     for key, cfg in _bitmod_kernel_tuned.cache.items():
-        if key[:5] == (token_bucket(m), n, k, bits, group_size) and str(x_dtype) in key:
-            kw = cfg.kwargs
-            return {"block_m": kw["BLOCK_M"], "block_n": kw["BLOCK_N"], "groups_per_prog": kw["GROUPS_PER_PROG"],
-                    "use_dot": kw["USE_DOT"], "num_warps": cfg.num_warps}
+        if tuple(key[:5]) == (token_bucket(m), n, k, bits, group_size) and str(x_dtype) in key:
+            return _as_dict(cfg)
     return None
 
 
