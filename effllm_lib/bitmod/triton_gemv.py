@@ -175,7 +175,8 @@ if triton is not None:
         wq = wf.to(W_DTYPE).to(xb.dtype)
         return acc + tl.dot(xb, tl.trans(wq), out_dtype=tl.float32, input_precision=IN_PREC)
 
-    @triton.jit
+    # M and the token bucket unspecialized: one compiled kernel serves every token count of a path
+    @triton.jit(do_not_specialize=["M", "m_bucket"])
     def _bitmod_kernel(x_ptr, codes32_ptr, codes8_ptr, scales_ptr, types_ptr, out_ptr,
                        M, N, K, n_groups, stride_xm, row_words, type_stride, m_bucket,
                        BITS: tl.constexpr, GROUP: tl.constexpr, UNIT: tl.constexpr,
