@@ -16,12 +16,20 @@ Parts (--parts, default cpu,gpu; gpu is skipped without CUDA), each writing data
        this CPU runs (``bitmod_<isa>``: the user-facing call, ``bitmod_<isa>_raw``: the kernel on pre-laid-out
        input, ``bitmod_<isa>_single_type``: every group of one type, which prices the per-group data-type
        mix), same threads; the bytes each reads over the read bandwidth measured in this run (SparAMX's
-       stream_read probe) = bound_us; speedup_vs_bf16 and frac_of_bound.
-  gpu  kernels_gpu   per shape x bits x tokens (1, 4, 16, 64): torch bf16, the BitMoD Triton kernel (its
-       config the fastest of a small sweep done in this run), torchao int4 weight-only (group 128) if it
-       imports; CUDA graphs over weight copies that exceed the L2 cache, so neither launch overhead nor L2
-       hides the kernel; the bound is bytes over the HBM read bandwidth measured in this run (torch.sum
-       over a 4 GiB buffer).
+       stream_read probe) = bound_us; speedup_vs_bf16 and frac_of_bound. ``torch_int4``: torch's own 4-bit
+       weight-only GEMM for CPU (aten._weight_int4pack_mm_for_cpu, group 128, bf16 scale+zero per group), the
+       4-bit baseline at about the same bits per weight. (llama.cpp's Q4_0 / IQ4_NL kernels are not compared:
+       no prebuilt Python wheel offers them, llama-cpp-python compiles from source, and the device has no
+       internet.)
+  gpu  kernels_gpu   per shape x bits x tokens (1, 4, 16, 64): torch bf16, the BitMoD Triton kernel (the
+       user-facing call: autotuned in this run on first use, ``config`` column = the winner), torch's int4
+       weight-only GEMM (aten._weight_int4pack_mm, the tinygemm kernel gpt-fast uses; group 128) and torchao
+       int4 if it imports; CUDA graphs over weight copies that exceed the L2 cache, so neither launch
+       overhead nor L2 hides the kernel; the bound is bytes over the HBM read bandwidth measured in this run
+       (torch.sum over a 4 GiB buffer). For the Triton kernel also the issue bound: SASS instructions of the
+       chosen config (the kernel has no loop, so every thread runs each once) x threads x programs over the
+       SMs' issue rate (4 warp-instructions per SM per cycle at the max SM clock): ``sass_per_weight`` and
+       ``issue_bound_us`` say whether instructions, not bytes, bound it.
 Timings are medians over interleaved repeats (p10/p90 columns give the spread).
 """
 
@@ -31,6 +39,7 @@ import argparse
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -80,6 +89,55 @@ def spread(ts: list[float]) -> dict:
             "p90_us": 1e6 * s[min(len(s) - 1, (9 * len(s)) // 10)], "repeats": len(s)}
 
 
+# ------------------------------------------------------------------------------------------ int4 baselines
+def int4_nbytes(n: int, k: int) -> int:
+    """torch's int4 weight-only format: 4-bit codes + a bf16 scale and a bf16 zero per group and row."""
+    return n * k // 2 + 2 * 2 * n * (k // GROUP)
+
+
+def _int4_codes(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.int32)
+    scale = torch.rand(k // GROUP, n, generator=g) * 2e-3 + 5e-4
+    return q, torch.stack([scale, torch.zeros_like(scale)], -1).bfloat16()   # [k/g, n, (scale, zero)]
+
+
+def _int4_reference(x, q, sz):
+    """tinygemm's dequantization: (q - 8) x scale + zero, on x's device."""
+    q, sz = q.to(x.device), sz.to(x.device)
+    scale = sz[..., 0].float().T.repeat_interleave(GROUP, 1)
+    zero = sz[..., 1].float().T.repeat_interleave(GROUP, 1)
+    return x.float() @ ((q.float() - 8) * scale + zero).T
+
+
+def cpu_int4_weight(n, k, seed=0):
+    """(packed weight, group size, scales+zeros) for aten._weight_int4pack_mm_for_cpu; checked once."""
+    q, sz = _int4_codes(n, k, seed)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 2)
+    if seed == 0:
+        x = torch.randn(2, k).bfloat16()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz).float()
+        ref = _int4_reference(x, q, sz)
+        if float((y - ref).abs().max() / ref.abs().max()) > 2e-2:
+            raise RuntimeError("torch int4 CPU baseline disagrees with its own dequantization")
+    return packed, GROUP, sz
+
+
+def gpu_int4_weight(n, k, seed=0):
+    """(packed weight, group size, scales+zeros) for aten._weight_int4pack_mm (CUDA, inner k tiles 8)."""
+    q, sz = _int4_codes(n, k, seed)
+    q8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).cuda()
+    packed = torch.ops.aten._convert_weight_to_int4pack(q8, 8)
+    sz = sz.cuda()
+    check = None
+    if seed == 0:
+        x = torch.randn(2, k, device="cuda", dtype=torch.bfloat16)
+        y = torch.ops.aten._weight_int4pack_mm(x, packed, GROUP, sz).float()
+        ref = _int4_reference(x, q, sz)
+        check = float((y - ref).abs().max() / ref.abs().max())
+    return (packed, GROUP, sz), check
+
+
 # -------------------------------------------------------------------------------------------------- CPU
 def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFrame, dict]:
     from effllm_lib.bitmod import cpu_gemv
@@ -98,6 +156,7 @@ def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFram
         dense_bytes = n * k * 2
         n_dense = max(2, math.ceil(3 * llc / dense_bytes))
         dense = [torch.randn(n, k).bfloat16() * 0.02 for _ in range(n_dense)]
+        int4 = [cpu_int4_weight(n, k, seed=i) for i in range(max(2, math.ceil(3 * llc / (n * k // 2))))]
         for bits in bits_list:
             packed_bytes = packed_nbytes(n, k, bits)
             copies = [random_packed(n, k, bits, seed=i) for i in range(max(2, math.ceil(3 * llc / packed_bytes)))]
@@ -114,13 +173,14 @@ def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFram
                 x = torch.randn(tokens, k).bfloat16()
                 xg = cpu_gemv.grouped_input(x, k, GROUP, copies[0].n_groups)
                 out = torch.empty(tokens, n)
-                it = {"d": 0, "p": 0, "s": 0}
+                it = {"d": 0, "p": 0, "s": 0, "i": 0}
 
                 def nxt(key, seq):
                     it[key] = (it[key] + 1) % len(seq)
                     return seq[it[key]]
 
-                cands = {"torch_bf16": lambda: F.linear(x, nxt("d", dense))}
+                cands = {"torch_bf16": lambda: F.linear(x, nxt("d", dense)),
+                         "torch_int4": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, *nxt("i", int4))}
                 for kern in kernels:
                     cands[f"bitmod_{kern}"] = lambda kern=kern: cpu_gemv.bitmod_linear_cpu(x, nxt("p", copies),
                                                                                            kernel=kern)
@@ -137,7 +197,7 @@ def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFram
                 times = interleaved_times(cands, repeats)
                 base = statistics.median(times["torch_bf16"])
                 for impl, ts in times.items():
-                    nbytes = dense_bytes if impl == "torch_bf16" else packed_bytes
+                    nbytes = {"torch_bf16": dense_bytes, "torch_int4": int4_nbytes(n, k)}.get(impl, packed_bytes)
                     s = spread(ts)
                     rows.append({"shape": name, "out_features": n, "in_features": k, "bits": bits,
                                  "tokens": tokens, "impl": impl, **s, "weight_bytes": nbytes,
@@ -151,7 +211,10 @@ def cpu_part(shapes, bits_list, tokens_list, repeats, full) -> tuple[pd.DataFram
     params = {"threads": torch.get_num_threads(), "kernels": kernels, "repeats": repeats, "group_size": GROUP,
               "read_bandwidth_gbs": round(probe["gbs"], 2), "bandwidth_method": probe["method"],
               "weights": "random packed codes / types / FP16 scales (speed is value-independent)",
-              "cache": f"weight copies cycled to exceed 3x the {llc / 2**20:.0f} MiB LLC"}
+              "cache": f"weight copies cycled to exceed 3x the {llc / 2**20:.0f} MiB LLC",
+              "torch_int4": "aten._weight_int4pack_mm_for_cpu, group 128, inner k tiles 2, bf16 scale+zero",
+              "llama_cpp": "not compared: no prebuilt wheel with its Q4_0 / IQ4_NL kernels (llama-cpp-python builds "
+                           "from source) and no internet on the device"}
     return pd.DataFrame(rows), params
 
 
@@ -215,20 +278,40 @@ def torchao_int4(n, k, copies):
         return None, f"torchao int4 unavailable: {type(exc).__name__}: {exc}"[:300]
 
 
+def sm_clock_hz() -> tuple[float, str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=clocks.max.sm", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=30).stdout.split()
+        return float(out[0]) * 1e6, "nvidia-smi clocks.max.sm"
+    except Exception:  # noqa: BLE001
+        return 1.98e9, "assumed 1980 MHz (H200 max SM clock; nvidia-smi unavailable)"
+
+
 def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dict]:
     from effllm_lib.bitmod import triton_gemv
 
     bw = hbm_read_bandwidth()
-    l2 = getattr(torch.cuda.get_device_properties(0), "L2_cache_size", 64 * 2**20)
-    log(f"GPU {torch.cuda.get_device_name(0)}: HBM read {bw / 1e9:.0f} GB/s, L2 {l2 / 2**20:.0f} MiB")
-    # a small sweep (each config compiles per bits x token bucket: keep the run inside the 10-minute call)
-    sweep = [{"block_n": bn, "split_k": sk, "num_warps": nw}
-             for bn, sk, nw in ((16, 2, 2), (32, 1, 4), (32, 4, 4), (32, 8, 4), (64, 1, 4), (64, 4, 8))]
+    props = torch.cuda.get_device_properties(0)
+    l2 = getattr(props, "L2_cache_size", 64 * 2**20)
+    sms = props.multi_processor_count
+    clock, clock_source = sm_clock_hz()
+    issue_rate = sms * 4 * 32 * clock   # thread-instructions per second: 4 schedulers x 1 warp-instruction / cycle
+    log(f"GPU {torch.cuda.get_device_name(0)}: HBM read {bw / 1e9:.0f} GB/s, L2 {l2 / 2**20:.0f} MiB, {sms} SMs, "
+        f"{clock / 1e6:.0f} MHz ({clock_source})")
     rows, notes = [], {}
     for name, (n, k) in shapes.items():
         dense_bytes = n * k * 2
         dense = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
                  for _ in range(max(2, math.ceil(4 * l2 / dense_bytes)))]
+        int4 = []
+        try:
+            for i in range(max(2, math.ceil(4 * l2 / int4_nbytes(n, k)))):
+                w, check = gpu_int4_weight(n, k, seed=i)
+                int4.append(w)
+                if check is not None:
+                    notes[f"torch_int4_{name}_rel_err_vs_dequantized"] = round(check, 5)
+        except Exception as exc:  # noqa: BLE001 - recorded, the rest of the run goes on
+            int4, notes[f"torch_int4_{name}"] = [], f"unavailable: {type(exc).__name__}: {exc}"[:300]
         ao_layers, notes[f"torchao_{name}"] = torchao_int4(n, k, max(2, math.ceil(4 * l2 / (n * k // 2))))
         for bits in bits_list:
             packed_bytes = packed_nbytes(n, k, bits)
@@ -236,34 +319,40 @@ def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dic
                       for i in range(max(2, math.ceil(4 * l2 / packed_bytes)))]
             assert copies[0].nbytes() == packed_bytes
             single = [single_type(p) for p in copies]
-            x0 = torch.randn(3, k, device="cuda", dtype=torch.bfloat16)
-            ref = x0.float() @ dequantize(copies[0]).float().T
-            y = triton_gemv.bitmod_linear_triton(x0, copies[0]).float()
-            if float((y - ref).abs().max() / ref.abs().max()) > 1e-2:
-                raise RuntimeError("the Triton kernel disagrees with the dequantized weight")
             for tokens in tokens_list:
                 x = torch.randn(tokens, k, device="cuda", dtype=torch.bfloat16)
-                best, best_t = None, float("inf")
-                for cfg in sweep:  # the config for this shape x tokens, chosen in this run
-                    cfg = {**triton_gemv.default_config(tokens, n, copies[0].n_groups), **cfg}
-                    try:
-                        t = graph_timer([lambda p=p: triton_gemv.bitmod_linear_triton(x, p, config=cfg)
-                                         for p in copies], 3)()
-                    except Exception as exc:  # noqa: BLE001 - a config that does not compile is skipped
-                        log(f"config {cfg} failed: {type(exc).__name__}")
-                        continue
-                    if t < best_t:
-                        best, best_t = cfg, t
+                # spot check (and the autotuning of this token bucket, timed runs excluded from the graphs)
+                t0 = time.perf_counter()
+                y = triton_gemv.bitmod_linear_triton(x, copies[0]).float()
+                torch.cuda.synchronize()
+                tune_s = time.perf_counter() - t0
+                ref = x.float() @ dequantize(copies[0]).float().T
+                err = float((y - ref).abs().max() / ref.abs().max())
+                if err > 1e-2:
+                    raise RuntimeError(f"the Triton kernel disagrees with the dequantized weight: rel err {err}")
+                best = (triton_gemv.tuned_config(tokens, n, k, bits, GROUP, torch.bfloat16)
+                        or triton_gemv.last_config())   # the call above was the last autotuned one
                 timers = {"torch_bf16": graph_timer([lambda w=w: F.linear(x, w) for w in dense], 5),
-                          "bitmod_triton": graph_timer([lambda p=p: triton_gemv.bitmod_linear_triton(x, p, config=best)
-                                                        for p in copies], 5)}
-                timers["bitmod_triton_single_type"] = graph_timer(
-                    [lambda p=p: triton_gemv.bitmod_linear_triton(x, p, config=best) for p in single], 5)
+                          "bitmod_triton": graph_timer([lambda p=p: triton_gemv.bitmod_linear_triton(x, p)
+                                                        for p in copies], 5),
+                          "bitmod_triton_single_type": graph_timer(
+                              [lambda p=p: triton_gemv.bitmod_linear_triton(x, p) for p in single], 5)}
+                if int4:
+                    try:
+                        timers["torch_int4"] = graph_timer(
+                            [lambda w=w: torch.ops.aten._weight_int4pack_mm(x, *w) for w in int4], 5)
+                    except Exception as exc:  # noqa: BLE001
+                        notes[f"torch_int4_{name}_{tokens}"] = f"failed: {type(exc).__name__}: {exc}"[:200]
                 if ao_layers:
                     try:
                         timers["torchao_int4"] = graph_timer([lambda m=m: m(x) for m in ao_layers], 5)
                     except Exception as exc:  # noqa: BLE001 - recorded, the rest of the run goes on
                         notes[f"torchao_{name}"] += f"; graph capture failed: {type(exc).__name__}: {exc}"[:200]
+                try:  # what bounds the kernel besides bytes: its instructions at the SMs' issue rate
+                    inst = triton_gemv.instruction_count(x, copies[0], best)
+                except Exception as exc:  # noqa: BLE001
+                    inst = None
+                    notes[f"instructions_{name}_{bits}_{tokens}"] = f"failed: {type(exc).__name__}: {exc}"[:200]
                 times = {key: [] for key in timers}
                 for rep in range(repeats):
                     order = list(timers)[rep % len(timers):] + list(timers)[:rep % len(timers)]
@@ -271,25 +360,41 @@ def gpu_part(shapes, bits_list, tokens_list, repeats) -> tuple[pd.DataFrame, dic
                         times[key].append(timers[key]())
                 base = statistics.median(times["torch_bf16"])
                 for impl, ts in times.items():
-                    nbytes = dense_bytes if impl == "torch_bf16" else (
-                        n * k // 2 + 2 * 2 * n * (k // GROUP) if impl == "torchao_int4" else packed_bytes)
+                    nbytes = {"torch_bf16": dense_bytes, "torch_int4": int4_nbytes(n, k),
+                              "torchao_int4": int4_nbytes(n, k)}.get(impl, packed_bytes)
                     s = spread(ts)
-                    rows.append({"shape": name, "out_features": n, "in_features": k, "bits": bits,
-                                 "tokens": tokens, "impl": impl, **s, "weight_bytes": nbytes,
-                                 "bits_per_weight": 8 * nbytes / (n * k), "bound_us": 1e6 * nbytes / bw,
-                                 "frac_of_bound": (1e6 * nbytes / bw) / s["median_us"],
-                                 "speedup_vs_bf16": base / statistics.median(ts),
-                                 "achieved_gbs": nbytes / statistics.median(ts) / 1e9,
-                                 "config": str(best) if impl.startswith("bitmod_triton") else ""})
+                    row = {"shape": name, "out_features": n, "in_features": k, "bits": bits, "tokens": tokens,
+                           "impl": impl, **s, "weight_bytes": nbytes, "bits_per_weight": 8 * nbytes / (n * k),
+                           "bound_us": 1e6 * nbytes / bw, "frac_of_bound": (1e6 * nbytes / bw) / s["median_us"],
+                           "speedup_vs_bf16": base / statistics.median(ts),
+                           "achieved_gbs": nbytes / statistics.median(ts) / 1e9, "config": "", "tune_s": None,
+                           "instructions": None, "instructions_kind": "", "sass_per_weight": None,
+                           "issue_bound_us": None, "registers": None, "spills": None}
+                    if impl.startswith("bitmod_triton"):
+                        row.update(config=str(best), tune_s=tune_s if impl == "bitmod_triton" else None)
+                        if inst:
+                            row.update(instructions=inst["per_thread"], instructions_kind=inst["kind"],
+                                       sass_per_weight=inst["thread_instructions"] / (n * k),
+                                       issue_bound_us=1e6 * inst["thread_instructions"] / issue_rate,
+                                       registers=inst["registers"], spills=inst["spills"])
+                    rows.append(row)
                 log(f"{name} {bits}-bit {tokens} tok: " + ", ".join(
                     f"{r['impl']} {r['median_us']:.1f} us ({r['speedup_vs_bf16']:.2f}x, {r['frac_of_bound']:.0%})"
-                    for r in rows[-len(times):]))
-        del dense, ao_layers
+                    for r in rows[-len(times):]) + f"; triton {best}, issue bound "
+                    + (f"{1e6 * inst['thread_instructions'] / issue_rate:.1f} us "
+                       f"({inst['thread_instructions'] / (n * k):.2f} {inst['kind']}/weight, {inst['registers']} regs)"
+                       if inst else "n/a"))
+        del dense, ao_layers, int4
         torch.cuda.empty_cache()
     params = {"gpu": torch.cuda.get_device_name(0), "repeats": repeats, "group_size": GROUP,
               "hbm_read_gbs": round(bw / 1e9, 1), "bandwidth_method": "torch.sum over a 4 GiB float32 buffer, "
               "median of 20 (CUDA events)", "timing": "CUDA graph over weight copies exceeding 4x L2",
-              "triton_sweep": sweep, "torchao_int4_bytes": "4-bit codes + bf16 scale and zero per group", **notes}
+              "triton": "autotuned on first use per token bucket (triton.autotune over the configs in "
+                        "effllm_lib/bitmod/triton_gemv.py); config = the winner",
+              "sms": sms, "sm_clock_mhz": round(clock / 1e6), "sm_clock_source": clock_source,
+              "issue_bound": "static instruction count x 32 x num_warps x programs / (SMs x 4 x 32 x clock)",
+              "torch_int4": "aten._weight_int4pack_mm (tinygemm), group 128, inner k tiles 8, bf16 scale+zero",
+              "int4_bytes": "4-bit codes + bf16 scale and zero per group", **notes}
     return pd.DataFrame(rows), params
 
 

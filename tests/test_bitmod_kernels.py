@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from effllm_lib.bitmod.packed import BitMoDLinear, pack_weight
+from effllm_lib.bitmod.packed import BitMoDLinear, code_values, pack_weight, unpack_codes
 from effllm_lib.bitmod.quantize import quantize_tensor
 
 cpu_gemv = pytest.importorskip("effllm_lib.bitmod.cpu_gemv")
@@ -123,33 +123,92 @@ def triton_device():
 HALF_ULP = {torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float32: 2.0 ** -24}
 
 
-@needs_triton
-@pytest.mark.parametrize("bits,group_size,rows,cols,tokens,x_dtype,w_dtype", [
-    (4, 128, 40, 300, 1, torch.bfloat16, torch.bfloat16),     # GEMV path, ragged tail
+def unrounded_weight(p):
+    """value(type, code) x scale in float64, from packed.py's pure-torch unpacking (no rounding to the weight
+    dtype): what the batch-1 path multiplies by."""
+    codes, types = unpack_codes(p)
+    values = code_values(p.bits).double()[types.unsqueeze(-1), codes][..., : p.group_size]
+    return (values * p.scales.double().unsqueeze(-1)).flatten(1)[:, : p.in_features]
+
+
+def test_fp16_patterns_hold_the_bitmod_values():
+    """The kernel's decode, done here in plain Python: magnitude bits to 9-11 (4 bits) or 10-11 (3 bits), the
+    sign to bit 15 of an FP16, the -0 pattern replaced by the type's special pattern; x 2^UNIT must give the
+    BitMoD value of every code under every type (code_values, built from the value table independently)."""
+    import numpy as np
+    for bits in (3, 4):
+        er, ea = triton_gemv.special_patterns(bits) if triton_gemv else (None, None)
+        if er is None:
+            pytest.skip("effllm_lib.bitmod.triton_gemv does not import")
+        table = code_values(bits)
+        for t in range(4):
+            special = (ea if t >= 2 else er) | ((t & 1) << 15)
+            for code in range(2 ** bits):
+                mag, sign = code & ((1 << (bits - 1)) - 1), code >> (bits - 1)
+                h = (mag << (9 if bits == 4 else 10)) | (sign << 15)
+                h = special if h == 0x8000 else h
+                value = float(np.array([h], dtype=np.uint16).view(np.float16)[0]) * 2.0 ** triton_gemv.UNIT_LOG2[bits]
+                assert value == float(table[t, code]), (bits, t, code)
+
+
+CASES = [  # bits, group, rows, cols, tokens, x dtype, weight dtype
+    (4, 128, 40, 300, 1, torch.bfloat16, torch.bfloat16),     # ragged tail
     (3, 128, 33, 256, 5, torch.bfloat16, torch.bfloat16),
     (4, 64, 17, 200, 8, torch.float32, torch.float16),
-    (4, 64, 17, 200, 20, torch.float16, torch.bfloat16),      # tl.dot path
-    (3, 256, 8, 512, 64, torch.float32, torch.bfloat16),
-    (4, 128, 70, 384, 100, torch.float16, torch.float16),     # > 64 tokens: chunks of 64
-    (4, 128, 24, 384, 32, torch.bfloat16, torch.bfloat16),    # bf16 tl.dot: GPU only
+    (3, 64, 17, 200, 2, torch.float32, torch.float16),
+    (4, 64, 17, 200, 20, torch.float16, torch.bfloat16),
+    (3, 256, 8, 512, 3, torch.float32, torch.bfloat16),       # 3 bits, sign words gathered per column
+    (4, 256, 9, 512, 1, torch.float16, torch.float32),
+    (4, 128, 70, 384, 100, torch.float16, torch.float16),     # > 64 tokens
+    (4, 128, 24, 384, 32, torch.bfloat16, torch.bfloat16),
     (3, 128, 24, 384, 16, torch.bfloat16, torch.bfloat16),
-])
-def test_triton_against_fake_quantized_reference(bits, group_size, rows, cols, tokens, x_dtype, w_dtype):
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("path", ["batch1", "dot"])
+@pytest.mark.parametrize("bits,group_size,rows,cols,tokens,x_dtype,w_dtype", CASES)
+def test_triton_against_references(path, bits, group_size, rows, cols, tokens, x_dtype, w_dtype):
+    """Each path against its own float64 reference with an FP32-accumulation bound: the batch-1 path against
+    x @ (value x scale) + bias, the tl.dot path against x @ (the fake-quantized weight in x's dtype) + bias, i.e.
+    quantize_'s own weights. Tiles of 16 rows x 2 groups, so every case has several programs per row and a
+    partial last tile in both directions."""
     device = triton_device()
-    if device == "cpu" and x_dtype == torch.bfloat16 and tokens > 8:
+    if device == "cpu" and path == "dot" and x_dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter multiplies bf16 tl.dot operands as raw bits (triton-lang/triton#11584)")
+    if device == "cpu" and tokens > 8 and path == "batch1":
+        pytest.skip("one program per token: slow in the interpreter, the same code as tokens <= 8")
     fq, p = case(rows, cols, bits, group_size, w_dtype, rows)
     x = torch.randn(tokens, cols).to(x_dtype)
     bias = torch.randn(rows).to(x_dtype)
     pd = type(p)(p.codes.to(device), p.scales.to(device), p.type_ids.to(device), p.in_features, p.bits,
                  p.group_size, p.dtype)
-    out = triton_gemv.bitmod_linear_triton(x.to(device), pd, bias.to(device))
+    cfg = ({"use_dot": False, "block_m": 1, "block_n": 16, "groups_per_prog": 2} if path == "batch1" else
+           {"use_dot": True, "block_m": 16, "block_n": 16, "groups_per_prog": 2})
+    out = triton_gemv.bitmod_linear_triton(x.to(device), pd, bias.to(device), config=cfg)
     assert out.dtype == x_dtype and out.shape == (tokens, rows)
-    # the contract of F.linear(x, W.to(x.dtype), bias): the result rounded once to x's dtype, FP32 accumulation
-    w = fq.to(x_dtype).double()
+    w = unrounded_weight(p) if path == "batch1" else fq.to(x_dtype).double()
     ref = x.double() @ w.T + bias.double()
     bound = HALF_ULP[x_dtype] * ref.abs() + 4 * cols * 2.0 ** -24 * (x.double().abs() @ w.abs().T) + 1e-6
     assert ((out.cpu().double() - ref).abs() <= bound).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="autotuning needs a GPU")
+@needs_triton
+@pytest.mark.parametrize("bits", [3, 4])
+@pytest.mark.parametrize("tokens", [1, 4, 64])
+def test_triton_autotuned_call(bits, tokens):
+    """The user-facing call (autotuned on first use, then a cache hit): right whichever path won."""
+    fq, p = case(300, 1024, bits, 128, torch.bfloat16, tokens)
+    pd = type(p)(p.codes.cuda(), p.scales.cuda(), p.type_ids.cuda(), p.in_features, p.bits, p.group_size, p.dtype)
+    x = torch.randn(tokens, 1024).bfloat16()
+    for _ in range(2):
+        out = triton_gemv.bitmod_linear_triton(x.cuda(), pd).cpu().double()
+        w = unrounded_weight(p)
+        ref = x.double() @ w.T
+        bound = 2.0 ** -8 * (ref.abs() + x.double().abs() @ w.abs().T)   # either path: x-dtype weight rounding
+        assert ((out - ref).abs() <= bound + 1e-6).all()
+    assert triton_gemv.last_config() is not None
 
 
 @needs_triton
@@ -162,3 +221,7 @@ def test_triton_bad_inputs():
         triton_gemv.bitmod_linear_triton(torch.randn(1, 100), p)
     with pytest.raises(TypeError, match="bf16, fp16 or fp32"):
         triton_gemv.bitmod_linear_triton(torch.ones(1, 128, dtype=torch.int32), p)
+    with pytest.raises(ValueError, match="unknown config keys"):
+        triton_gemv.bitmod_linear_triton(torch.randn(1, 128), p, config={"blockn": 32})
+    with pytest.raises(ValueError, match="block_m and block_n >= 16"):
+        triton_gemv.bitmod_linear_triton(torch.randn(1, 128), p, config={"use_dot": True, "block_m": 8})
