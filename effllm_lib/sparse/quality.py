@@ -1,0 +1,148 @@
+"""What pruning costs in quality: perplexity of the packaged models by weight sparsity, magnitude vs Wanda.
+
+    df = pruning_perplexity(["smollm2-135m"], sparsities=[0.0, 0.5, 0.7], methods=["magnitude", "wanda"])
+    python -m effllm_lib.sparse.quality --scale full     # writes data/results/sparamx/pruning_perplexity.csv
+
+Each model is loaded fresh for every (method, sparsity), pruned with ``sparsify_`` (the sparse kernels then
+compute every decoder linear) and scored on the same windows of the packaged English Wikipedia text
+(``eval.windows``: non-overlapping, ``ctx`` tokens, ``max_windows`` spread evenly; Gemma gets BOS first).
+Wanda's calibration windows come from the committed ``ci`` slice of that text; at ``full`` scale the scored
+windows are taken from the rest of the text (the slice is cut off first when the full text starts with it),
+so calibration and evaluation do not overlap. The interval is a percentile bootstrap over windows of
+exp(sum nll / sum tokens), and ``ppl_ratio`` (pruned / dense of the same model) gets a paired one: both sides
+saw the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..stats import bootstrap_ci
+
+METHODS = ("magnitude", "wanda")
+
+
+def _ppl(nll, tok):
+    return math.exp(float(np.sum(nll)) / float(np.sum(tok)))
+
+
+def _load(name: str):
+    """(model, tokenizer, bos) of a packaged model, or of the tiny random Llama of CI runs ("tiny-llama")."""
+    from ..models import MODELS, load_causal_lm, tiny_causal_lm
+
+    if name == "tiny-llama":
+        model, tok = tiny_causal_lm("llama", tokenizer="byte", hidden=64)
+        return model, tok, False
+    model, tok = load_causal_lm(name)
+    return model, tok, MODELS[name].prepend_bos
+
+
+def eval_text(scale: str) -> str:
+    """The scored text: the ci slice at ``ci`` scale; at ``full`` the full text without the calibration slice."""
+    from ..assets import wikipedia_text
+
+    ci = wikipedia_text("ci")
+    if scale == "ci":
+        return ci
+    full = wikipedia_text("full")
+    head = ci.strip()
+    return full[len(head):] if full.startswith(head) else full
+
+
+@torch.no_grad()
+def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=METHODS, *, ctx: int = 512,
+                       max_windows: int | None = 64, scale: str = "full", progress: bool = True) -> pd.DataFrame:
+    """One row per model x method x sparsity: perplexity with its bootstrap interval, the ratio to the dense
+    model with a paired interval, tokens, windows and seconds. Sparsity 0 gives two rows per model: "dense"
+    (every linear through ``sparsify_`` with nothing pruned, so bf16 weights and the same kernels as the pruned
+    rows: the baseline of ``ppl_ratio``) and "float32" (the model as loaded, the dequantized GGUF)."""
+    from .. import eval as E
+    from .sparsify import SparsifyConfig, sparsify_
+
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsities must be in [0, 1), got {s}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; expected one of {METHODS}")
+    text = eval_text(scale)
+    rows = []
+    for name in models:
+        model, tok, bos = _load(name)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        wins, total = E.windows(ids, ctx, tok.bos_token_id if bos else None, max_windows)
+        del model
+        dense_nll = None
+        configs = [("dense", 0.0), ("float32", 0.0)] + [(m, s) for m in methods for s in sparsities if s > 0]
+        for method, s in configs:
+            t0 = time.perf_counter()
+            model, tok, bos = _load(name)
+            if method != "float32":  # "dense": nothing pruned, the same bf16 kernels as the pruned rows
+                sparsify_(model, SparsifyConfig(sparsity=s, method=method if s > 0 else "none"), tokenizer=tok)
+            sc = E.window_scores(model, wins, progress=progress, desc=f"{name} {method} {s:.0%}")
+            nll, ntok = sc.nll_sum.numpy(), sc.tokens.numpy().astype(float)
+            ppl, lo, hi = bootstrap_ci(_ppl, nll, ntok)
+            row = {"model": name, "method": method, "sparsity": s, "perplexity": ppl, "ppl_lo": lo, "ppl_hi": hi}
+            if dense_nll is None:
+                dense_nll = nll
+                row.update(ppl_ratio=1.0, ratio_lo=1.0, ratio_hi=1.0)
+            else:
+                r, rlo, rhi = bootstrap_ci(lambda a, b, t: _ppl(a, t) / _ppl(b, t), nll, dense_nll, ntok)
+                row.update(ppl_ratio=r, ratio_lo=rlo, ratio_hi=rhi)
+            row.update(tokens=int(ntok.sum()), windows=len(wins), total_windows=total, ctx=ctx, bos=bos,
+                       seconds=time.perf_counter() - t0)
+            rows.append(row)
+            del model
+    return pd.DataFrame(rows)
+
+
+FULL_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-1.5b")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=("ci", "full"), default="ci",
+                    help="ci: the tiny random Llama on the ci text, printed only; full: saved")
+    ap.add_argument("--models", default=",".join(FULL_MODELS))
+    ap.add_argument("--sparsities", default="0,0.5,0.7")
+    ap.add_argument("--methods", default="magnitude,wanda")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=64,
+                    help="windows per model (the same for every model); a per-model cap: name=N,...")
+    ap.add_argument("--max-windows-per-model", default="",
+                    help="override for some models, e.g. qwen2.5-1.5b=16 (a larger model on a slow machine)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = ["tiny-llama"] if args.scale == "ci" else [m for m in args.models.split(",") if m]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    per_model = dict(kv.split("=") for kv in args.max_windows_per_model.split(",") if kv)
+    frames = []
+    for m in models:
+        mw = int(per_model.get(m, args.max_windows))
+        frames.append(pruning_perplexity([m], sparsities, methods, ctx=args.ctx, max_windows=mw, scale=args.scale))
+        print(frames[-1].round(3).to_string(index=False), flush=True)
+    df = pd.concat(frames, ignore_index=True)
+    if args.scale == "full":
+        from .. import results
+
+        path = results.save(df, "sparamx", "pruning_perplexity", scale="full",
+                            params={"models": models, "sparsities": sparsities, "methods": methods, "ctx": args.ctx,
+                                    "max_windows": args.max_windows, "max_windows_per_model": per_model,
+                                    "threads": torch.get_num_threads(),
+                                    "eval_text": "packaged English Wikipedia minus the ci calibration slice",
+                                    "calibration": "Wanda: 16 windows x 256 tokens of the ci slice"})
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
