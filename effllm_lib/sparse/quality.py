@@ -3,8 +3,10 @@
     df = pruning_perplexity(["smollm2-135m"], sparsities=[0.0, 0.5, 0.7], methods=["magnitude", "wanda"])
     python -m effllm_lib.sparse.quality --scale full     # writes data/results/sparamx/pruning_perplexity.csv
 
-Each model is loaded fresh for every (method, sparsity), pruned with ``sparsify_`` (the sparse kernels then
-compute every decoder linear) and scored on the same windows of the packaged English Wikipedia text
+Each model is loaded fresh for every (method, sparsity), pruned by ``prune_weights_`` (``sparsify_``'s pruning:
+same layers, method and scores, written as zeros into the float32 weights; ``kernels=True`` runs
+``sparsify_`` instead, so the bf16 sparse kernels compute every decoder linear, ten times slower on a CPU
+without AVX512_BF16) and scored on the same windows of the packaged English Wikipedia text
 (``eval.windows``: non-overlapping, ``ctx`` tokens, ``max_windows`` spread evenly; Gemma gets BOS first).
 Wanda's calibration windows come from the committed ``ci`` slice of that text; at ``full`` scale the scored
 windows are taken from the rest of the text (the slice is cut off first when the full text starts with it),
@@ -57,13 +59,14 @@ def eval_text(scale: str) -> str:
 
 @torch.no_grad()
 def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=METHODS, *, ctx: int = 512,
-                       max_windows: int | None = 64, scale: str = "full", progress: bool = True) -> pd.DataFrame:
+                       max_windows: int | None = 64, scale: str = "full", kernels: bool = False,
+                       progress: bool = True) -> pd.DataFrame:
     """One row per model x method x sparsity: perplexity with its bootstrap interval, the ratio to the dense
-    model with a paired interval, tokens, windows and seconds. Sparsity 0 gives two rows per model: "dense"
-    (every linear through ``sparsify_`` with nothing pruned, so bf16 weights and the same kernels as the pruned
-    rows: the baseline of ``ppl_ratio``) and "float32" (the model as loaded, the dequantized GGUF)."""
+    model (sparsity 0, method "dense": the baseline of ``ppl_ratio``) with a paired interval, tokens, windows
+    and seconds. With ``kernels`` every row runs the bf16 sparse kernels (dense = ``sparsify_`` with nothing
+    pruned, so all rows share the bf16 weights) and a "float32" row gives the model as loaded."""
     from .. import eval as E
-    from .sparsify import SparsifyConfig, sparsify_
+    from .sparsify import SparsifyConfig, prune_weights_, sparsify_
 
     for s in sparsities:
         if not 0.0 <= s < 1.0:
@@ -79,12 +82,15 @@ def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=ME
         wins, total = E.windows(ids, ctx, tok.bos_token_id if bos else None, max_windows)
         del model
         dense_nll = None
-        configs = [("dense", 0.0), ("float32", 0.0)] + [(m, s) for m in methods for s in sparsities if s > 0]
+        configs = [("dense", 0.0)] + [("float32", 0.0)] * kernels + [(m, s) for m in methods for s in sparsities
+                                                                     if s > 0]
         for method, s in configs:
             t0 = time.perf_counter()
             model, tok, bos = _load(name)
-            if method != "float32":  # "dense": nothing pruned, the same bf16 kernels as the pruned rows
+            if kernels and method != "float32":  # "dense": nothing pruned, the same bf16 kernels as the rest
                 sparsify_(model, SparsifyConfig(sparsity=s, method=method if s > 0 else "none"), tokenizer=tok)
+            elif s > 0:
+                prune_weights_(model, SparsifyConfig(sparsity=s, method=method), tokenizer=tok)
             sc = E.window_scores(model, wins, progress=progress, desc=f"{name} {method} {s:.0%}")
             nll, ntok = sc.nll_sum.numpy(), sc.tokens.numpy().astype(float)
             ppl, lo, hi = bootstrap_ci(_ppl, nll, ntok)
@@ -96,6 +102,7 @@ def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=ME
                 r, rlo, rhi = bootstrap_ci(lambda a, b, t: _ppl(a, t) / _ppl(b, t), nll, dense_nll, ntok)
                 row.update(ppl_ratio=r, ratio_lo=rlo, ratio_hi=rhi)
             row.update(tokens=int(ntok.sum()), windows=len(wins), total_windows=total, ctx=ctx, bos=bos,
+                       compute="sparse kernels (bf16)" if kernels and method != "float32" else "masked float32",
                        seconds=time.perf_counter() - t0)
             rows.append(row)
             del model
@@ -117,6 +124,8 @@ def main(argv=None) -> int:
                     help="windows per model (the same for every model); a per-model cap: name=N,...")
     ap.add_argument("--max-windows-per-model", default="",
                     help="override for some models, e.g. qwen2.5-1.5b=16 (a larger model on a slow machine)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="run the bf16 sparse kernels (default: sparsify_'s pruning as zeros in float32 weights)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -126,21 +135,23 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     per_model = dict(kv.split("=") for kv in args.max_windows_per_model.split(",") if kv)
     frames = []
-    for m in models:
+    for m in models:  # saved after every model, so a run cut short keeps the models it finished
         mw = int(per_model.get(m, args.max_windows))
-        frames.append(pruning_perplexity([m], sparsities, methods, ctx=args.ctx, max_windows=mw, scale=args.scale))
+        frames.append(pruning_perplexity([m], sparsities, methods, ctx=args.ctx, max_windows=mw, scale=args.scale,
+                                         kernels=args.kernels))
         print(frames[-1].round(3).to_string(index=False), flush=True)
-    df = pd.concat(frames, ignore_index=True)
-    if args.scale == "full":
-        from .. import results
+        if args.scale == "full":
+            from .. import results
 
-        path = results.save(df, "sparamx", "pruning_perplexity", scale="full",
-                            params={"models": models, "sparsities": sparsities, "methods": methods, "ctx": args.ctx,
-                                    "max_windows": args.max_windows, "max_windows_per_model": per_model,
-                                    "threads": torch.get_num_threads(),
-                                    "eval_text": "packaged English Wikipedia minus the ci calibration slice",
-                                    "calibration": "Wanda: 16 windows x 256 tokens of the ci slice"})
-        print(f"wrote {path}")
+            done = [f.model.iloc[0] for f in frames]
+            path = results.save(pd.concat(frames, ignore_index=True), "sparamx", "pruning_perplexity", scale="full",
+                                params={"models": done, "sparsities": sparsities, "methods": methods,
+                                        "ctx": args.ctx, "max_windows": args.max_windows,
+                                        "max_windows_per_model": per_model, "kernels": args.kernels,
+                                        "threads": torch.get_num_threads(),
+                                        "eval_text": "packaged English Wikipedia minus the ci calibration slice",
+                                        "calibration": "Wanda: 16 windows x 256 tokens of the ci slice"})
+            print(f"wrote {path}", flush=True)
     return 0
 
 
