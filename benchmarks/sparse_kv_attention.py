@@ -13,8 +13,9 @@ Parts (``--part``, comma-separated, default attention,e2e):
   Writes data/results/sparamx/kv_attention_latency<suffix>.
 * e2e: batch-1 decode of a random-weight Llama-3-8B-shaped model (``--model``) with its cache filled to each
   context, dense cache + SDPA vs ``SparseKVCache`` at ``--e2e-sparsity``; ceiling from bytes per token. Writes
-  kv_decode_latency<suffix> and kv_scorecard<suffix> (claim kv_sparsity_speedup: the speed-up at the
-  longest context).
+  kv_decode_latency<suffix> and, with dense weights, kv_scorecard<suffix> (claim kv_sparsity_speedup: the
+  speed-up at the longest context). ``--weight-sparsity 0.5`` runs the linears through the sparse kernels too
+  (the paper's whole system; use another suffix).
 * quality: SmolLM2-135M (``--quality-model``) on the packaged Wikipedia text, prompt ``--quality-context``
   tokens, ``--quality-continuation`` tokens decoded with teacher forcing, K/V of the prompt pruned at each
   sparsity: perplexity, top-1 accuracy drop in points, agreement with dense, KL. Writes kv_pruning_quality
@@ -127,7 +128,8 @@ def main(argv=None) -> int:
             saved.append(results.save(e2e, "sparamx", f"kv_decode_latency{args.suffix}", params=p, scale="full",
                                       extra=extra))
             longest = e2e[(e2e.context == max(contexts)) & (e2e.impl != "dense_kv")]
-            if len(longest) and args.model == "llama3-8b" and args.e2e_sparsity == 0.5 and args.layers is None:
+            if (len(longest) and args.model == "llama3-8b" and args.e2e_sparsity == 0.5 and args.layers is None
+                    and args.weight_sparsity is None):  # one file per claim: the dense-weights run
                 best = longest.loc[longest.speedup.idxmax()]
                 card = pd.DataFrame([{"claim_id": "kv_sparsity_speedup", "ours": best.speedup, "status": "measured",
                                       "reason": (f"Llama-3-8B shape, random weights, batch 1, {best.threads} "
