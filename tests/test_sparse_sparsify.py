@@ -173,3 +173,22 @@ def test_plain_modules_get_every_linear_but_lm_head():
     sparsify_(model, SparsifyConfig(sparsity=0.5, kernel="portable"))
     assert isinstance(model.up, SparseLinear) and isinstance(model.lm_head, nn.Linear)
     assert model.up.weight.sparsity == pytest.approx(0.5, abs=1e-3)
+
+
+def test_prune_weights_matches_sparsify_zero_pattern():
+    """prune_weights_ zeroes exactly the weights sparsify_ drops (the packed weights' zeros), nothing packed."""
+    from effllm_lib.models import tiny_causal_lm
+    from effllm_lib.sparse import SparsifyConfig, sparsify_
+    from effllm_lib.sparse.sparsify import prune_weights_
+
+    model, _ = tiny_causal_lm("llama", tokenizer="byte", hidden=64)
+    masked, _ = tiny_causal_lm("llama", tokenizer="byte", hidden=64)
+    cfg = SparsifyConfig(sparsity=0.5, method="magnitude")
+    prune_weights_(masked, cfg)
+    w = masked.model.layers[0].mlp.down_proj.weight
+    assert isinstance(masked.model.layers[0].mlp.down_proj, torch.nn.Linear)
+    assert int((w == 0).sum()) == round(0.5 * w.numel())
+    sparsify_(model, cfg)
+    packed = model.model.layers[0].mlp.down_proj.weight.to_dense()
+    assert torch.equal(packed != 0, w != 0)
+    assert torch.equal(packed, w[:, :].bfloat16())

@@ -18,8 +18,9 @@ from pathlib import Path
 from ..paths import cache_dir
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
-SOURCES = ("bindings.cpp", "cpu_probe.cpp", "portable.cpp", "avx512_bf16.cpp", "amx.cpp")
-HEADERS = ("sparse_kernels.h",)
+SOURCES = ("bindings.cpp", "cpu_probe.cpp", "portable.cpp", "avx512_bf16.cpp", "amx.cpp", "kv_attention.cpp",
+           "kv_portable_avx2.cpp", "kv_avx512.cpp")
+HEADERS = ("sparse_kernels.h", "eff_msg.h")
 # -fopenmp is what makes at::parallel_for parallel: ATen's header runs the range on OpenMP threads only where
 # _OPENMP is defined, and silently runs it on the calling thread otherwise (the first device run measured
 # single-threaded kernels because of that). The .so then needs libgomp.so.1, which resolves to the copy torch

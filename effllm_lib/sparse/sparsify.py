@@ -357,6 +357,22 @@ def sparsify_(model: nn.Module, config: SparsifyConfig = SparsifyConfig(), token
 
 
 @torch.no_grad()
+def prune_weights_(model: nn.Module, config: SparsifyConfig = SparsifyConfig(), tokenizer=None,
+                   calibration: list[torch.Tensor] | None = None) -> nn.Module:
+    """The pruning of ``sparsify_`` (same layers, same method and scores) written into the model's own float
+    weights as zeros, nothing packed: the model computes what the sparse model computes, in its own dtype.
+    For measuring quality where the bf16 kernels would be slow (a CPU without AVX512_BF16 multiplies bf16
+    about ten times slower than float32) and to separate the cost of pruning from that of bf16 weights."""
+    _check_config(config)
+    names = hf_targets(model) if _arch(model) is not None else _generic_targets(model, None)
+    prune = _pruner(model, names, config, tokenizer, calibration)
+    pruned = {n: prune(n) for n in names}  # all scores from the unpruned model (Wanda's norms come first)
+    for n, w in pruned.items():
+        model.get_submodule(n).weight.copy_(w)
+    return model
+
+
+@torch.no_grad()
 def load_sparse_state_dict_(model: nn.Module, state_dict: dict, config: SparsifyConfig = SparsifyConfig(),
                             strict: bool = True) -> nn.Module:
     """Give a freshly built model (same config) the sparse structure ``sparsify_(model, config)`` made, then

@@ -8,7 +8,7 @@
 // error. On the device machine (torch 2.11 wheel, extension built there by g++ 13) formatting an integer with
 // std::ostream inside the extension (c10::str, which TORCH_CHECK also uses) segfaults, measured case by case:
 // messages made only of strings and dtype names came back, every message with an int64 in it crashed. So
-// messages are built by eff_msg below (std::string + std::to_string), and kernels never throw.
+// messages are built by eff_msg (eff_msg.h: std::string + std::to_string), and kernels never throw.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -22,30 +22,7 @@
 
 #include "sparse_kernels.h"
 
-// A message from strings, integers and dtype names, without iostreams (see above).
-inline void eff_append(std::string& s, const char* v) { s += v; }
-inline void eff_append(std::string& s, const std::string& v) { s += v; }
-inline void eff_append(std::string& s, c10::ScalarType v) { s += c10::toString(v); }
-template <typename T, typename std::enable_if<std::is_integral<T>::value, int>::type = 0>
-inline void eff_append(std::string& s, T v) { s += std::to_string(v); }
-template <typename... Args>
-std::string eff_msg(const Args&... args) {
-  std::string s;
-  (eff_append(s, args), ...);
-  return s;
-}
-
-// Return the message from the enclosing function (std::string) when cond is false.
-#define EFF_CHECK(cond, ...)                   \
-  do {                                         \
-    if (!(cond)) return eff_msg(__VA_ARGS__);  \
-  } while (0)
-// Propagate a non-empty message from a helper check.
-#define EFF_TRY(expr)                  \
-  do {                                 \
-    std::string eff_err_ = (expr);     \
-    if (!eff_err_.empty()) return eff_err_; \
-  } while (0)
+#include "eff_msg.h"
 
 namespace {
 
@@ -286,6 +263,10 @@ py::dict cpu_probe() {
   d["kernel_avx512"] = has_avx512_bf16_kernel();
   d["kernel_amx_bf16"] = has_amx_bf16_kernel();
   d["kernel_amx_int8"] = has_amx_int8_kernel();
+  const CpuInfoX86 x = effllm_cpu_probe_avx2();
+  d["avx2"] = x.avx2;
+  d["fma"] = x.fma;
+  d["os_avx"] = x.os_avx;
   return d;
 }
 

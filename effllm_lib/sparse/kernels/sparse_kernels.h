@@ -86,3 +86,32 @@ static inline uint16_t float_to_bf16(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(u >> 16);
 }
+
+// ------------------------------------------------------------------------------ sparse KV-cache attention
+// out[i, 16 (s - strip_base) + j] = sum_k x[i, k] W[16 s + j, k] for the strips [strip_begin, strip_end) of a
+// compressed bf16 matrix W, with x and out in float32 and float32 accumulation (every bf16 value widened
+// exactly): the QK^T (W = K of one head, rows = positions) and PV (W = V^T, rows = head dims) products of
+// decode attention. All 16 columns of a strip are written (callers size out to whole strips).
+struct F32Problem {
+  const float* x;          // [m, ldx]; columns k_tiles * 32 are read, zero beyond the real K
+  int64_t m;               // rows of x (the query heads sharing one KV head)
+  int64_t ldx;
+  const int32_t* bitmaps;  // [strips, k_tiles, 16]
+  const uint16_t* values;  // packed bf16 nonzeros (+ 64 bytes slack)
+  const int64_t* strip_offsets;
+  int64_t k_tiles;
+  int64_t strip_base;      // the strip written to column 0 of out
+  float* out;              // [m, ldo]
+  int64_t ldo;
+};
+
+struct CpuInfoX86 {
+  bool avx2, fma, os_avx;  // AVX2 + FMA with YMM state enabled by the OS
+};
+
+extern "C" {
+CpuInfoX86 effllm_cpu_probe_avx2();
+void spmv_f32_portable(const F32Problem& p, int64_t strip_begin, int64_t strip_end);
+void spmv_f32_avx2(const F32Problem& p, int64_t strip_begin, int64_t strip_end);
+void spmv_f32_avx512(const F32Problem& p, int64_t strip_begin, int64_t strip_end);
+}

@@ -1,0 +1,246 @@
+"""What pruning costs in quality: perplexity of the packaged models by weight sparsity, magnitude vs Wanda.
+
+    df = pruning_perplexity(["smollm2-135m"], sparsities=[0.0, 0.5, 0.7], methods=["magnitude", "wanda"])
+    python -m effllm_lib.sparse.quality --scale full     # writes data/results/sparamx/pruning_perplexity.csv
+
+Each model is loaded fresh for every (method, sparsity), pruned by ``prune_weights_`` (``sparsify_``'s pruning:
+same layers, method and scores, written as zeros into the float32 weights; ``kernels=True`` runs
+``sparsify_`` instead, so the bf16 sparse kernels compute every decoder linear, ten times slower on a CPU
+without AVX512_BF16) and scored on the same windows of the packaged English Wikipedia text
+(``eval.windows``: non-overlapping, ``ctx`` tokens, ``max_windows`` spread evenly; Gemma gets BOS first).
+Wanda's calibration windows come from the committed ``ci`` slice of that text; at ``full`` scale the scored
+windows are taken from the rest of the text (the slice is cut off first when the full text starts with it),
+so calibration and evaluation do not overlap. The interval is a percentile bootstrap over windows of
+exp(sum nll / sum tokens), and ``ppl_ratio`` (pruned / dense of the same model) gets a paired one: both sides
+saw the same windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..stats import bootstrap_ci
+
+METHODS = ("magnitude", "wanda")
+
+
+def _ppl(nll, tok):
+    return math.exp(float(np.sum(nll)) / float(np.sum(tok)))
+
+
+def _load(name: str):
+    """(model, tokenizer, bos) of a packaged model, or of the tiny random Llama of CI runs ("tiny-llama")."""
+    from ..models import MODELS, load_causal_lm, tiny_causal_lm
+
+    if name == "tiny-llama":
+        model, tok = tiny_causal_lm("llama", tokenizer="byte", hidden=64)
+        return model, tok, False
+    model, tok = load_causal_lm(name)
+    return model, tok, MODELS[name].prepend_bos
+
+
+def eval_text(scale: str) -> str:
+    """The scored text: the ci slice at ``ci`` scale; at ``full`` the full text without the calibration slice."""
+    from ..assets import wikipedia_text
+
+    ci = wikipedia_text("ci")
+    if scale == "ci":
+        return ci
+    full = wikipedia_text("full")
+    head = ci.strip()
+    return full[len(head):] if full.startswith(head) else full
+
+
+@torch.no_grad()
+def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=METHODS, *, ctx: int = 512,
+                       max_windows: int | None = 64, scale: str = "full", kernels: bool = False,
+                       progress: bool = True) -> pd.DataFrame:
+    """One row per model x method x sparsity: perplexity with its bootstrap interval, the ratio to the dense
+    model (sparsity 0, method "dense": the baseline of ``ppl_ratio``) with a paired interval, tokens, windows
+    and seconds. With ``kernels`` every row runs the bf16 sparse kernels (dense = ``sparsify_`` with nothing
+    pruned, so all rows share the bf16 weights) and a "float32" row gives the model as loaded."""
+    from .. import eval as E
+    from .sparsify import SparsifyConfig, prune_weights_, sparsify_
+
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsities must be in [0, 1), got {s}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; expected one of {METHODS}")
+    text = eval_text(scale)
+    rows = []
+    for name in models:
+        model, tok, bos = _load(name)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        wins, total = E.windows(ids, ctx, tok.bos_token_id if bos else None, max_windows)
+        del model
+        dense_nll = None
+        configs = [("dense", 0.0)] + [("float32", 0.0)] * kernels + [(m, s) for m in methods for s in sparsities
+                                                                     if s > 0]
+        for method, s in configs:
+            t0 = time.perf_counter()
+            model, tok, bos = _load(name)
+            if kernels and method != "float32":  # "dense": nothing pruned, the same bf16 kernels as the rest
+                sparsify_(model, SparsifyConfig(sparsity=s, method=method if s > 0 else "none"), tokenizer=tok)
+            elif s > 0:
+                prune_weights_(model, SparsifyConfig(sparsity=s, method=method), tokenizer=tok)
+            sc = E.window_scores(model, wins, progress=progress, desc=f"{name} {method} {s:.0%}")
+            nll, ntok = sc.nll_sum.numpy(), sc.tokens.numpy().astype(float)
+            ppl, lo, hi = bootstrap_ci(_ppl, nll, ntok)
+            row = {"model": name, "method": method, "sparsity": s, "perplexity": ppl, "ppl_lo": lo, "ppl_hi": hi}
+            if dense_nll is None:
+                dense_nll = nll
+                row.update(ppl_ratio=1.0, ratio_lo=1.0, ratio_hi=1.0)
+            else:
+                r, rlo, rhi = bootstrap_ci(lambda a, b, t: _ppl(a, t) / _ppl(b, t), nll, dense_nll, ntok)
+                row.update(ppl_ratio=r, ratio_lo=rlo, ratio_hi=rhi)
+            row.update(tokens=int(ntok.sum()), windows=len(wins), total_windows=total, ctx=ctx, bos=bos,
+                       compute="sparse kernels (bf16)" if kernels and method != "float32" else "masked float32",
+                       seconds=time.perf_counter() - t0)
+            rows.append(row)
+            del model
+    return pd.DataFrame(rows)
+
+
+FULL_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-1.5b")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", choices=("ci", "full"), default="ci",
+                    help="ci: the tiny random Llama on the ci text, printed only; full: saved")
+    ap.add_argument("--models", default=",".join(FULL_MODELS))
+    ap.add_argument("--sparsities", default="0,0.5,0.7")
+    ap.add_argument("--methods", default="magnitude,wanda")
+    ap.add_argument("--ctx", type=int, default=512)
+    ap.add_argument("--max-windows", type=int, default=64,
+                    help="windows per model (the same for every model); a per-model cap: name=N,...")
+    ap.add_argument("--max-windows-per-model", default="",
+                    help="override for some models, e.g. qwen2.5-1.5b=16 (a larger model on a slow machine)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="run the bf16 sparse kernels (default: sparsify_'s pruning as zeros in float32 weights)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    models = ["tiny-llama"] if args.scale == "ci" else [m for m in args.models.split(",") if m]
+    sparsities = [float(s) for s in args.sparsities.split(",")]
+    methods = [m for m in args.methods.split(",") if m]
+    per_model = dict(kv.split("=") for kv in args.max_windows_per_model.split(",") if kv)
+    frames = []
+    for m in models:  # saved after every model, so a run cut short keeps the models it finished
+        mw = int(per_model.get(m, args.max_windows))
+        frames.append(pruning_perplexity([m], sparsities, methods, ctx=args.ctx, max_windows=mw, scale=args.scale,
+                                         kernels=args.kernels))
+        print(frames[-1].round(3).to_string(index=False), flush=True)
+        if args.scale == "full":
+            from .. import results
+
+            done = [f.model.iloc[0] for f in frames]
+            path = results.save(pd.concat(frames, ignore_index=True), "sparamx", "pruning_perplexity", scale="full",
+                                params={"models": done, "sparsities": sparsities, "methods": methods,
+                                        "ctx": args.ctx, "max_windows": args.max_windows,
+                                        "max_windows_per_model": per_model, "kernels": args.kernels,
+                                        "threads": torch.get_num_threads(),
+                                        "eval_text": "packaged English Wikipedia minus the ci calibration slice",
+                                        "calibration": "Wanda: 16 windows x 256 tokens of the ci slice"})
+            print(f"wrote {path}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+# --------------------------------------------------------------------------------------- KV-cache pruning
+@torch.no_grad()
+def kv_pruning_quality(model_name: str = "smollm2-135m", sparsities=(0.0, 0.3, 0.5, 0.7, 0.9), *,
+                       context: int = 1024, continuation: int = 32, windows: int = 8, scale: str = "full",
+                       kernel: str = "auto", progress: bool = True) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """What pruning the KV cache costs: (summary per sparsity, per-window sums).
+
+    Each window of the text is ``context`` tokens of prompt then ``continuation`` tokens decoded one at a time
+    with the true tokens fed back (teacher forcing), as the decode path runs: the prompt's K/V of every
+    full-attention layer pruned by magnitude at ``sparsity`` and packed (``SparseKVCache``), the decoded tokens
+    in the dense tail. The reference is the same decode with transformers' dense cache and SDPA. The prompt is
+    run once per window (dense) and its K/V handed to every cache, so all rows start from the same state; each
+    scores the ``continuation - 1`` next-token predictions of the decode steps (the prompt's own last
+    prediction is the same for all). Per sparsity: perplexity, top-1 accuracy on the true next token and its
+    drop vs dense in points (paired bootstrap over windows), agreement with the dense top-1, and the mean
+    KL(dense || pruned) per token. Sparsity 0 isolates the bf16 rounding of the packed cache."""
+    import copy
+
+    import torch.nn.functional as F
+    from transformers import DynamicCache
+
+    from .. import eval as E
+    from .kv_bench import _cache_kw
+    from .kv_cache import SparseKVCache, SparseKVConfig, SparseKVLayer, enable_sparse_kv_
+
+    if context < 1 or continuation < 2 or windows < 1:
+        raise ValueError(f"need context >= 1, continuation >= 2, windows >= 1; got {context}, {continuation}, "
+                         f"{windows}")
+    model, tok, bos = _load(model_name)
+    enable_sparse_kv_(model)
+    kw = _cache_kw(model)
+    ids = tok(eval_text(scale), add_special_tokens=False)["input_ids"]
+    wins, total = E.windows(ids, context + continuation, tok.bos_token_id if bos else None, windows)
+    names = ["dense"] + [f"{s:g}" for s in sparsities]
+    per_window = []
+    from tqdm.auto import tqdm
+
+    for w_i, row in enumerate(tqdm(wins, desc=f"{model_name} KV pruning", disable=not progress)):
+        prompt, cont = row[None, :context], row[None, context:]
+        base = DynamicCache(config=model.config)
+        model(input_ids=prompt, use_cache=True, **{kw: base})
+        ref_logits = None
+        for name in names:
+            if name == "dense":
+                cache = copy.deepcopy(base)
+            else:
+                cache = SparseKVCache(model.config, SparseKVConfig(float(name), kernel=kernel))
+                for i, layer in enumerate(base.layers):
+                    if isinstance(cache.layers[i], SparseKVLayer):
+                        cache.update(layer.keys, layer.values, i)  # what the prefill would have stored
+                    else:  # sliding-window layers stay dense
+                        cache.layers[i] = copy.deepcopy(layer)
+            logits = torch.cat([model(input_ids=cont[:, j:j + 1], use_cache=True, **{kw: cache}).logits[0, -1:]
+                                for j in range(continuation - 1)]).float()
+            target = cont[0, 1:]
+            logp = torch.log_softmax(logits, -1)
+            rec = {"window": w_i, "config": name, "tokens": int(target.numel()),
+                   "nll_sum": float(F.nll_loss(logp, target, reduction="sum")),
+                   "correct": int((logits.argmax(-1) == target).sum())}
+            if ref_logits is None:
+                ref_logits = logp
+                rec.update(agree=rec["tokens"], kl_sum=0.0)
+            else:
+                rec.update(agree=int((logits.argmax(-1) == ref_logits.argmax(-1)).sum()),
+                           kl_sum=float((ref_logits.exp() * (ref_logits - logp)).sum()))
+            per_window.append(rec)
+    pw = pd.DataFrame(per_window)
+    dense = pw[pw.config == "dense"].sort_values("window")
+    rows = []
+    for name in names:
+        d = pw[pw.config == name].sort_values("window")
+        n, nll, corr = d.tokens.to_numpy(float), d.nll_sum.to_numpy(), d.correct.to_numpy(float)
+        ppl, lo, hi = bootstrap_ci(_ppl, nll, n)
+        acc, acc_lo, acc_hi = bootstrap_ci(lambda c, t: 100 * c.sum() / t.sum(), corr, n)
+        drop, drop_lo, drop_hi = bootstrap_ci(lambda c0, c, t: 100 * (c0.sum() - c.sum()) / t.sum(),
+                                              dense.correct.to_numpy(float), corr, n)
+        agree, ag_lo, ag_hi = bootstrap_ci(lambda a, t: 100 * a.sum() / t.sum(), d.agree.to_numpy(float), n)
+        rows.append({"model": model_name, "config": name, "kv_sparsity": 0.0 if name == "dense" else float(name),
+                     "cache": "dense (SDPA)" if name == "dense" else "pruned + packed (sparse op)",
+                     "perplexity": ppl, "ppl_lo": lo, "ppl_hi": hi, "top1_acc": acc, "acc_lo": acc_lo,
+                     "acc_hi": acc_hi, "acc_drop_points": drop, "drop_lo": drop_lo, "drop_hi": drop_hi,
+                     "agree_pct": agree, "agree_lo": ag_lo, "agree_hi": ag_hi,
+                     "kl_per_token": float(d.kl_sum.sum() / n.sum()), "tokens": int(n.sum()),
+                     "windows": len(d), "total_windows": total, "context": context, "continuation": continuation})
+    return pd.DataFrame(rows), pw
