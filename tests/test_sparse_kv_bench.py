@@ -2,7 +2,6 @@
 nothing-pruned sparse cache indistinguishable from the dense one, bad arguments refused."""
 
 import pytest
-import torch
 
 from effllm_lib.sparse.format import compression_ratio
 from effllm_lib.sparse.kv_bench import attention_latency, decode_latency_kv, dense_kv_bytes

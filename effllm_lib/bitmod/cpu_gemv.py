@@ -9,24 +9,19 @@ don't support is a clear RuntimeError, never an illegal instruction. Tokens are 
 kernels keep one accumulator register per token); everything accumulates in FP32 and the result is cast to
 the input's dtype. Threads: torch's (``torch.set_num_threads``).
 
-The build reuses the SparAMX chapter's conventions and flags (``effllm_lib.sparse._build``): cached under
+Built by the library's shared loader (``effllm_lib._cpp``, the same flags as the other kernels): cached under
 ``paths.cache_dir() / "bitmod_kernels" / <hash of sources, flags, CPU flags, torch, Python>``.
 """
 
 from __future__ import annotations
 
-import hashlib
-import platform
-import sys
-import threading
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..paths import cache_dir
-from ..sparse._build import CFLAGS, LDFLAGS, _cpu_flags
+from .. import _cpp
 from .packed import PackedBitMoD, code_values, padded_group
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -36,58 +31,27 @@ CPU_KERNELS = ("portable", "avx2", "avx512")
 MAX_TOKENS_PER_CALL = 8
 _ROUND_MODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-_lock = threading.Lock()
-_module = None
-_build_error: str | None = None
+NAME = "bitmod_kernels"
 
 
 def build_key() -> str:
-    h = hashlib.sha256()
-    for name in SOURCES + HEADERS:
-        h.update(name.encode())
-        h.update((KERNEL_DIR / name).read_bytes())
-    for part in (" ".join(CFLAGS + LDFLAGS), _cpu_flags(), torch.__version__, sys.version):
-        h.update(part.encode())
-    return h.hexdigest()[:16]
+    return _cpp.build_key(KERNEL_DIR, SOURCES, HEADERS)
 
 
 def load_extension(verbose: bool = False):
     """The compiled module (built the first time, then loaded from the cache); RuntimeError if it can't be."""
-    global _module, _build_error
-    if _module is not None:
-        return _module
-    with _lock:
-        if _module is not None:
-            return _module
-        if platform.machine() not in ("x86_64", "AMD64"):
-            _build_error = f"the BitMoD CPU kernels are x86-64 code; this machine is {platform.machine()}"
-            raise RuntimeError(_build_error)
-        from torch.utils.cpp_extension import load
-
-        key = build_key()
-        build_dir = cache_dir() / "bitmod_kernels" / key
-        build_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            _module = load(name=f"effllm_bitmod_{key}", sources=[str(KERNEL_DIR / s) for s in SOURCES],
-                           extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
-                           extra_include_paths=[str(KERNEL_DIR)], build_directory=str(build_dir), verbose=verbose)
-        except (RuntimeError, OSError, ImportError) as exc:
-            _build_error = f"could not build the BitMoD kernels in {build_dir} (needs g++ and ninja): {exc}"
-            raise RuntimeError(_build_error) from exc
-        return _module
+    return _cpp.load_extension(NAME, SOURCES, kernel_dir=KERNEL_DIR, headers=HEADERS, module_prefix="effllm_bitmod",
+                               what="the BitMoD CPU kernels", verbose=verbose)
 
 
 def extension_available() -> bool:
     """True if the extension is (or can be) built here; a failed build is not retried."""
-    if _module is not None:
-        return True
-    if _build_error is not None:
-        return False
-    try:
-        load_extension()
-        return True
-    except RuntimeError:
-        return False
+    if _cpp.available(NAME) is None:
+        try:
+            load_extension()
+        except RuntimeError:
+            return False
+    return bool(_cpp.available(NAME))
 
 
 @lru_cache(maxsize=1)

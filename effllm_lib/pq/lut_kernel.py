@@ -14,24 +14,20 @@ with wide outputs). ``PQLutKernel`` runs a calibrated ``PQLinear`` or 1x1 ``PQCo
 Tables are int8 with one scale per output channel, so the kernel's output differs from the float PQ layer by at
 most N_s * scale_c / 2 per output (each entry is rounded to the nearest step).
 
-The extension is built on first use with the sparse chapter's compiler and OpenMP flags
-(``effllm_lib.sparse._build``), cached under a key of the source, flags, CPU and torch version.
+The extension is built on first use by the library's shared loader (``effllm_lib._cpp``: the same compiler and
+OpenMP flags as the other kernels), cached under a key of the source, flags, CPU and torch version.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import sys
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from ..paths import cache_dir
-from ..sparse._build import CFLAGS, LDFLAGS, _cpu_flags
+from .. import _cpp
 from .layers import PQConv2d, PQLinear, _PQBase
 
 KERNEL_DIR = Path(__file__).resolve().parent / "kernels"
@@ -41,35 +37,11 @@ ROW_PAD = 64
 N_CODES = 16  # 4-bit codes
 SMALL_MAP = 64  # conv maps with fewer pixels are run as one block of B*H*W rows
 
-_lock = threading.Lock()
-_module = None
-
 
 def load_extension(verbose: bool = False):
     """The compiled LUT kernels (built the first time, then loaded from the cache)."""
-    global _module
-    if _module is not None:
-        return _module
-    with _lock:
-        if _module is None:
-            from torch.utils.cpp_extension import load
-
-            h = hashlib.sha256()
-            for name in SOURCES:
-                h.update((KERNEL_DIR / name).read_bytes())
-            for part in (" ".join(CFLAGS + LDFLAGS), _cpu_flags(), torch.__version__, sys.version):
-                h.update(part.encode())
-            key = h.hexdigest()[:16]
-            build_dir = cache_dir() / "pq_lut_kernels" / key
-            build_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                _module = load(name=f"effllm_pq_lut_{key}", sources=[str(KERNEL_DIR / s) for s in SOURCES],
-                               extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
-                               build_directory=str(build_dir), verbose=verbose)
-            except (RuntimeError, OSError, ImportError) as exc:
-                raise RuntimeError(f"could not build the PQ LUT kernels in {build_dir} (needs g++ and ninja): "
-                                   f"{exc}") from exc
-    return _module
+    return _cpp.load_extension("pq_lut_kernels", SOURCES, kernel_dir=KERNEL_DIR, module_prefix="effllm_pq_lut",
+                               what="the PQ LUT kernels", arch=None, include_kernel_dir=False, verbose=verbose)
 
 
 def available_kernels() -> list[str]:

@@ -6,6 +6,9 @@
 * ``sparsify``: ``sparsify_(model, SparsifyConfig(...))`` on HF Llama / Qwen2 / Gemma3 (q/k/v and gate/up
   fused, act x mul in the op) or any module; ``load_sparse_state_dict_`` to reload.
 * ``ops``: the kernels as ``torch.library`` ops with fake kernels (``torch.compile``).
+* ``kv_cache``: sparse KV-cache attention (``prune_kv``, ``pack_kv``, the ``sparse_kv_attention`` op,
+  ``SparseKVCache`` + ``enable_sparse_kv_`` for transformers); ``kv_bench``: its speed vs dense.
+* ``quality``: perplexity by weight sparsity (``pruning_perplexity``) and the cost of KV pruning.
 * ``cpu_features``: what the CPU/OS allow; ``autotune``: ``kernel="auto"`` measured per machine, cached.
 * ``decode_bench``: end-to-end decode latency (prefill, N steps, per-token median), byte ceilings.
 * ``_build``: builds ``kernels/*.cpp`` with torch.utils.cpp_extension on first use, with ``-fopenmp`` (without
@@ -20,6 +23,7 @@ The C++ entry points never throw: argument errors come back as a string and ``sp
 from .cpu_features import available_kernels, cpu_features, resolve_kernel
 from .format import (SparseBF16Weight, SparseInt8Weight, compression_ratio, pack_bf16, pack_bf16_fast, pack_dense_bf16_vnni,
                      pack_int8, quantize_rows_int8, quantize_tokens_int8, unpack_bf16, unpack_int8)
+from .kv_cache import SparseKVCache, SparseKVConfig, enable_sparse_kv_, pack_kv, prune_kv, sparse_kv_attention
 from .pruning import calibration_batches, input_norms, prune_magnitude, prune_wanda
 from .sparse_linear import SparseLinear, dense_linear_amx, sparse_linear
 from .sparsify import (FusedSparseLinear, LinearSlice, SparseGatedMLP, SparsifyConfig, SparsityConfig,
@@ -31,5 +35,6 @@ __all__ = [
     "SparseBF16Weight", "SparseInt8Weight", "SparseLinear", "SparsityConfig", "available_kernels",
     "compression_ratio", "cpu_features", "dense_linear_amx", "pack_bf16", "pack_dense_bf16_vnni", "pack_int8",
     "prune_magnitude", "quantize_rows_int8", "quantize_tokens_int8", "resolve_kernel", "sparse_linear",
-    "sparsify_", "unpack_bf16", "unpack_int8",
+    "sparsify_", "unpack_bf16", "unpack_int8", "SparseKVCache", "SparseKVConfig", "enable_sparse_kv_", "pack_kv",
+    "prune_kv", "sparse_kv_attention",
 ]

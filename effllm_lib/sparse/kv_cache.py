@@ -131,7 +131,8 @@ class PackedKV:
 
     def values(self) -> torch.Tensor:
         """The pruned V back as dense bf16 [kv_heads, S, D] (exact)."""
-        return unpack_bf16(self.v_weight()).view(self.kv_heads, self.head_dim, self.seq_len).transpose(1, 2).contiguous()
+        vt = unpack_bf16(self.v_weight()).view(self.kv_heads, self.head_dim, self.seq_len)
+        return vt.transpose(1, 2).contiguous()
 
     def nbytes(self) -> int:
         """Bytes a decode step reads for the pruned part: bitmaps, nonzeros and strip offsets of K and V."""
