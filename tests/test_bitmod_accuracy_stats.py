@@ -98,3 +98,24 @@ def test_sweep_configs_and_spread():
     assert len(cfgs) == 2 * 2 * 3  # NF4 only at 4 bits
     assert {c.label for c in cfgs} >= {"bitmod3", "bitmod3+clip", "nf44+clip+awq"}
     assert A.spread(10, 3) == [0, 4, 9] and A.spread(5, None) == [0, 1, 2, 3, 4] and A.spread(3, 8) == [0, 1, 2]
+
+
+def test_sweep_configs_calibrated_only_for_the_named_methods_and_clips():
+    cfgs = A.sweep_configs(("bitmod", "ant"), bits=(3,), clips=(False, True), calibrations=("none", "act"),
+                           calib_methods=("bitmod",), calib_clips=(True,))
+    assert [c.label for c in cfgs] == ["bitmod3", "ant3", "bitmod3+clip", "ant3+clip", "bitmod3+clip+act"]
+
+
+def test_kl_sweep_copies_olive_clip_rows_and_caches_the_reference():
+    from effllm_lib.models import tiny_causal_lm
+
+    model, tok = tiny_causal_lm("llama", seed=0, tokenizer="byte")
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    cfgs = A.sweep_configs(("olive", "int_asym"), bits=(3,), clips=(False, True))
+    kw = dict(seq_len=32, max_windows=4, kl_windows=3)
+    cached = A.kl_sweep(model, tok, {"t": text}, cfgs, cache_reference=True, **kw)
+    direct = A.kl_sweep(model, tok, {"t": text}, cfgs, cache_reference=False, **kw)
+    o, oc = (cached[cached.config == c].reset_index(drop=True) for c in ("olive3", "olive3+clip"))
+    assert o.nll_sum.tolist() == oc.nll_sum.tolist() and oc["clip"].all() and not o["clip"].any()
+    assert cached.nll_sum.tolist() == direct.nll_sum.tolist()
+    assert np.allclose(cached.kl_sum.fillna(-1), direct.kl_sum.fillna(-1), rtol=1e-6)

@@ -143,14 +143,17 @@ SETTING = ["model", "corpus", "bits", "clip", "calibration"]
 
 
 def sweep_configs(methods=METHODS, bits=(3, 4), clips=(False, True), calibrations=("none",),
-                  group_size: int = 128) -> list[BitMoDConfig]:
-    """Every method x bits x clipping x calibration (FLINT / NF4 / IQ4_NL only at 4 bits)."""
+                  group_size: int = 128, calib_methods=None, calib_clips=None) -> list[BitMoDConfig]:
+    """Every method x bits x clipping x calibration (FLINT / NF4 / IQ4_NL only at 4 bits); the calibrated
+    configurations only for ``calib_methods`` and ``calib_clips`` when given (calibration costs a search)."""
     out = []
     for cal in calibrations:
-        for c in clips:
+        for c in (clips if cal == "none" or calib_clips is None else calib_clips):
             for b in bits:
                 for m in methods:
                     if m in FOUR_BIT_ONLY and b != 4:
+                        continue
+                    if cal != "none" and calib_methods is not None and m not in calib_methods:
                         continue
                     out.append(BitMoDConfig(bits=b, group_size=group_size, dtype=m, clip=bool(c), calibration=cal))
     return out
@@ -168,11 +171,16 @@ def spread(total: int, k: int | None) -> list[int]:
 def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: int = 2048, bos="auto",
              max_windows: int | None = None, kl_windows: int | None = 64, calibration_windows=None,
              calibration_sample: int = 512, batch_size: int = 1, model_name: str = "", progress: bool = False,
-             log: Callable | None = None, on_config: Callable | None = None) -> pd.DataFrame:
+             log: Callable | None = None, on_config: Callable | None = None,
+             cache_reference: bool = False) -> pd.DataFrame:
     """One row per (configuration, corpus, window): tokens, nll_sum, kl_sum, top1_same, plus the configuration
     and its quantization report. The float model is the first configuration (KL 0 by definition).
     ``on_config(rows so far)`` runs after each configuration (the CLI saves the partial table there, so a run
-    cut off by a time limit still returns every configuration it finished)."""
+    cut off by a time limit still returns every configuration it finished). ``cache_reference``: keep the float
+    model's logits of the KL windows in memory (seq_len x vocab x 4 bytes each, ~100 MB for SmolLM2 at 512)
+    instead of running the float model again beside every configuration (half the forward passes on a CPU).
+    A "+clip" configuration of OliVe or IQ4_NL (which search their own scales, so clipping changes nothing)
+    copies the rows of the same configuration without clip when that ran first."""
     if not texts:
         raise ValueError("texts must name at least one corpus")
     use_bos = E._resolve_bos(tokenizer, bos)
@@ -194,7 +202,21 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
         if log:
             log(f"calibration: {calibration_windows.numel()} tokens, {time.perf_counter() - start:.1f} s")
     rows = []
+    ref_logits = {corpus: {} for corpus in windows}  # the float model's logits of the KL windows, kept once
+    done: dict[str, list] = {}  # config label -> its rows
     for cfg in [None, *configs_list]:
+        twin = _same_as_without_clip(cfg)
+        if twin is not None and twin.label in done:
+            # OliVe and IQ4_NL search their own scales; the clipping option changes nothing: copy the rows
+            new = [{**r, "config": cfg.label, "clip": True} for r in done[twin.label]]
+            rows += new
+            done[cfg.label] = new
+            if log:
+                log(f"{cfg.label:>24} same as {twin.label} (the clipping search does not apply)")
+            if on_config is not None:
+                on_config(pd.DataFrame(rows))
+            continue
+        first = len(rows)
         if cfg is None:
             model, report = base, None
         else:
@@ -205,11 +227,14 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
         for corpus, win in windows.items():
             start = time.perf_counter()
             if cfg is None:  # the reference itself: KL 0, every argmax the same
-                sc = E.window_scores(model, win, batch_size=batch_size, progress=progress, desc=f"float {corpus}")
+                keep = ref_logits[corpus] if cache_reference else None
+                sc = E.window_scores(model, win, kl_windows=kl_idx[corpus], batch_size=batch_size,
+                                     progress=progress, desc=f"float {corpus}", keep_logits=keep)
                 for i in kl_idx[corpus]:
                     sc.kl_sum[i], sc.top1_same[i] = 0.0, float(sc.tokens[i])
             else:
-                sc = E.window_scores(model, win, reference=base, kl_windows=kl_idx[corpus], batch_size=batch_size,
+                ref = ref_logits[corpus] if cache_reference else base
+                sc = E.window_scores(model, win, reference=ref, kl_windows=kl_idx[corpus], batch_size=batch_size,
                                      progress=progress, desc=f"{cfg.label} {corpus}")
             seconds = time.perf_counter() - start
             for w in range(len(win)):
@@ -221,11 +246,21 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
                 kt = sc.tokens[kl_idx[corpus]].sum().item()
                 log(f"{info['config']:>24} {corpus:>10} ppl {math.exp(sc.nll_sum.sum().item() / n):8.3f} "
                     f"KL {k / kt:.5f} ({seconds:.1f} s, quant {info['quant_seconds']:.1f} s)")
+        done[info["config"]] = rows[first:]
         if cfg is not None:
             del model
         if on_config is not None:
             on_config(pd.DataFrame(rows))
     return pd.DataFrame(rows)
+
+
+def _same_as_without_clip(cfg):
+    """The configuration without clip when the clipping option is a no-op for ``cfg``'s data type, else None."""
+    if cfg is None or not cfg.clip or cfg.dtype not in ("olive", "iq4_nl"):
+        return None
+    from dataclasses import replace
+
+    return replace(cfg, clip=False)
 
 
 def _boot_idx(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -470,6 +505,13 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="3,4", help="bit widths")
     ap.add_argument("--clip", default="0,1", help="clipping search off (0) / on (1), comma-separated")
     ap.add_argument("--calibration", default="none", help=f"comma-separated, of {', '.join(CALIBRATIONS)}")
+    ap.add_argument("--calib-methods", default=None, help="methods that get the calibrated configurations "
+                                                             "(default: all of --methods)")
+    ap.add_argument("--calib-clip", default=None, help="clipping settings of the calibrated configurations "
+                                                        "(default: those of --clip)")
+    ap.add_argument("--cache-reference", action="store_true",
+                    help="keep the float model's logits of the KL windows in memory instead of a second forward "
+                         "pass per configuration (~100 MB per 512-token window of a 49k vocabulary)")
     ap.add_argument("--zero-shot-bits", default="4,3", help="bit widths of the zero-shot sweep")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--summarize", nargs="+", metavar="WINDOWS_CSV", help="only merge these windows files")
@@ -535,7 +577,11 @@ def main(argv=None) -> int:
             results.save(df, "bitmod", f"windows_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
                          path=out / f"windows_{args.model}{tag}.csv")
 
-        df = kl_sweep(base, tok, texts, sweep_configs(methods, bits, clips, calibrations), seq_len=seq_len,
+        calib_methods = tuple(args.calib_methods.split(",")) if args.calib_methods else None
+        calib_clips = (tuple(sorted({bool(int(c)) for c in args.calib_clip.split(",") if c}))
+                       if args.calib_clip else None)
+        cfgs = sweep_configs(methods, bits, clips, calibrations, calib_methods=calib_methods, calib_clips=calib_clips)
+        df = kl_sweep(base, tok, texts, cfgs, seq_len=seq_len, cache_reference=args.cache_reference,
                       max_windows=args.max_windows, kl_windows=args.kl_windows, calibration_windows=calib,
                       calibration_sample=args.calib_sample, batch_size=args.batch_size, model_name=args.model,
                       log=lambda m: print(m, flush=True), on_config=save_windows)
