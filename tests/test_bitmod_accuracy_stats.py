@@ -119,3 +119,20 @@ def test_kl_sweep_copies_olive_clip_rows_and_caches_the_reference():
     assert o.nll_sum.tolist() == oc.nll_sum.tolist() and oc["clip"].all() and not o["clip"].any()
     assert cached.nll_sum.tolist() == direct.nll_sum.tolist()
     assert np.allclose(cached.kl_sum.fillna(-1), direct.kl_sum.fillna(-1), rtol=1e-6)
+
+
+def test_claim_rows_from_orderings_take_the_round_to_nearest_setting_with_its_interval():
+    rows = []
+    for clip in (False, True):
+        for comp, ratio in (("ant vs bitmod", 1.3), ("olive vs ant", 1.1), ("bitmod vs float", 1.05)):
+            r = ratio + (0.5 if clip else 0)  # the clipped rows must not be picked
+            rows.append({"model": "smollm2-135m", "corpus": "wikipedia", "bits": 3, "clip": clip,
+                         "calibration": "none", "comparison": comp, "ppl_ratio": r, "ppl_ratio_lo": r - 0.1,
+                         "ppl_ratio_hi": r + 0.1, "kl_diff": 0.2, "kl_diff_lo": 0.1, "kl_diff_hi": 0.3})
+    o = pd.DataFrame(rows)
+    o.attrs["provenance"] = {"params": {"windows": 12, "seq_len": 512, "tokens": 6132}}
+    c = A.claim_rows(orderings_df=o, model="smollm2-135m").set_index("claim_id")
+    assert c.ours["acc_ratio_ant_over_bitmod_w3"] == 1.3 and c.ours_lo["acc_ratio_ant_over_bitmod_w3"] == 1.2
+    assert c.ours_hi["acc_ratio_bitmod_over_float_w3"] == pytest.approx(1.15)
+    assert "acc_ratio_ant_over_bitmod_w4" not in c.index  # no 4-bit rows in the table: no claim invented
+    assert "135M" in c.stand_in["acc_ratio_olive_over_ant_w3"] and "12 windows of 512" in c.stand_in["acc_ratio_olive_over_ant_w3"]

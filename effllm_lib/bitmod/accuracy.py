@@ -381,11 +381,23 @@ def _model_size(name: str) -> str:
     return f"a {n / 1e9:.1f}B model" if n >= 1e9 else f"a {n / 1e6:.0f}M model"
 
 
+def _windows_note(orderings_df: pd.DataFrame) -> str:
+    """', 12 of 4115 windows of 512 tokens' from the orderings file's provenance (empty when unknown)."""
+    meta = orderings_df.attrs.get("provenance", {}).get("params", {})
+    n = meta.get("windows")
+    return "" if not n else f", {n} windows of {meta.get('seq_len')} tokens ({meta.get('tokens')} tokens)"
+
+
 # Paper ratios derived from the published round-to-nearest perplexities (papers.md): Llama-2-7B and Phi-2.
 def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None = None,
                zero_shot: pd.DataFrame | None = None, model: str = "smollm2-135m",
-               corpus: str = "wikipedia") -> pd.DataFrame:
-    """Scorecard rows (claim_id, ours, status, reason) from our measured tables."""
+               corpus: str = "wikipedia", orderings_df: pd.DataFrame | None = None,
+               zero_shot_model: str | None = None) -> pd.DataFrame:
+    """Scorecard rows (claim_id, ours, status, reason; ours_lo / ours_hi / stand_in where measured with
+    intervals) from our measured tables. ``orderings_df`` (``orderings`` of a KL sweep) gives the ratio claims
+    with their paired intervals, from the round-to-nearest setting (no clipping, no calibration) that the
+    paper's ratios describe; otherwise ``ppl`` (the older per-configuration sweep) gives point values.
+    ``zero_shot_model``: the model whose zero-shot table gives the discriminative-loss claim (default ``model``)."""
     rows = []
     for pid in ("llama2_7b", "llama3_8b"):
         for what in ("fp16", "w4_awq", "w3_awq"):
@@ -393,7 +405,8 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                 rows.append({"claim_id": f"acc_ppl_{pid}_{what}_{c}", "ours": float("nan"),
                              "status": "not_reproducible",
                              "reason": "Llama-2/3 weights and WikiText-2/C4 are not available offline (no model "
-                                       "hub); AWQ is not implemented here. See the ratio claims on our models."})
+                                       "hub). AWQ+BitMoD on our model is in accuracy_smollm2-135m. See the ratio "
+                                       "claims on our models."})
     for pid, name in (("llama2_7b", "Llama-2-7B"), ("phi2", "Phi-2")):
         for m in ("bitmod", "ant", "olive"):
             for b in (3, 4):
@@ -403,7 +416,23 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                                        f"{model} is in the acc_ratio_* claims"})
     rows.append({"claim_id": "acc_rtn_phi2_fp16_wikitext2", "ours": float("nan"), "status": "not_reproducible",
                  "reason": "Phi-2 weights are not available offline"})
-    if ppl is not None:
+    if orderings_df is not None:
+        o = orderings_df[(orderings_df.model == model) & (orderings_df.corpus == corpus) & ~orderings_df["clip"]
+                         & (orderings_df.calibration == "none")].set_index(["comparison", "bits"])
+        n_win = _windows_note(orderings_df)
+        for b in (3, 4):
+            for claim, comp in (("ant_over_bitmod", "ant vs bitmod"), ("olive_over_ant", "olive vs ant"),
+                                ("bitmod_over_float", "bitmod vs float")):
+                if (comp, b) not in o.index:
+                    continue
+                r = o.loc[(comp, b)]
+                rows.append({"claim_id": f"acc_ratio_{claim}_w{b}", "ours": r.ppl_ratio, "ours_lo": r.ppl_ratio_lo,
+                             "ours_hi": r.ppl_ratio_hi, "status": "measured",
+                             "stand_in": f"{model} ({_model_size(model)}, float = its dequantized 4-bit GGUF) on "
+                                         f"English Wikipedia{n_win}",
+                             "reason": f"round to nearest, group 128; paired bootstrap over windows; KL difference "
+                                       f"{r.kl_diff:+.4f} nats/token [{r.kl_diff_lo:+.4f}, {r.kl_diff_hi:+.4f}]"})
+    elif ppl is not None:
         p = ppl[(ppl.model == model) & (ppl.corpus == corpus)].set_index(["dtype", "bits"]).ppl
         fp = p["float", 16]
         for b in (3, 4):
@@ -422,11 +451,12 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                 rows.append({"claim_id": f"acc_synthetic_mse_{key}_w{b}", "ours": s[dist, b, "bitmod"],
                              "status": "measured", "reason": "4096 i.i.d. groups of 128, seed 0"})
     if zero_shot is not None:
+        zs_model = zero_shot_model or model
         loss = accuracy_loss(zero_shot)
-        loss = loss[loss.model == model]
+        loss = loss[loss.model == zs_model]
         rows.append({"claim_id": "acc_discriminative_loss_w4", "ours": float(loss.loss_pp.mean()),
                      "status": "measured",
-                     "reason": f"{model}: mean over {len(loss)} zero-shot BIG-bench multiple-choice tasks "
+                     "reason": f"{zs_model}: mean over {len(loss)} zero-shot BIG-bench multiple-choice tasks "
                                f"({', '.join(loss.task)}; {int(loss.n.sum())} questions)"})
     return pd.DataFrame(rows)
 
@@ -457,6 +487,38 @@ def _merge_windows(frames: list[pd.DataFrame]) -> pd.DataFrame:
     by every run, is kept once."""
     df = pd.concat(frames, ignore_index=True)
     return df.drop_duplicates(["model", "corpus", "config", "window"], keep="first").reset_index(drop=True)
+
+
+def _run_params(frames: list[pd.DataFrame], df: pd.DataFrame) -> dict:
+    """What a merged table was measured on: windows, predicted tokens, window length, clipping, calibration."""
+    src = [f.attrs.get("provenance", {}).get("params", {}) for f in frames]
+    fl = df[df.config == "float"]
+    return {"models": sorted(df.model.unique()), "windows": int(fl.groupby(["model", "corpus"]).size().max()),
+            "tokens": int(fl.groupby(["model", "corpus"]).tokens.sum().max()),
+            "seq_len": next((p["seq_len"] for p in src if p.get("seq_len")), None),
+            "clip": sorted({bool(c) for c in df["clip"]}), "calibration": sorted(df.calibration.unique()),
+            "configs": list(dict.fromkeys(df.config))}
+
+
+CLAIMS_FROM = {"orderings": "orderings_smollm2-135m", "synthetic": "synthetic_mse",
+               "zero_shot": "zeroshot_qwen2.5-1.5b"}
+
+
+def write_claims(model: str = "smollm2-135m", zero_shot_model: str = "qwen2.5-1.5b", scale: str = "full",
+                 out: Path | None = None) -> pd.DataFrame:
+    """accuracy_claims (the scorecard rows) from the committed orderings, synthetic and zero-shot files."""
+    from .. import results
+
+    names = {"orderings": f"orderings_{model}", "synthetic": "synthetic_mse",
+             "zero_shot": f"zeroshot_{zero_shot_model}"}
+    tables = {k: results.load("bitmod", v) for k, v in names.items()}
+    claims = claim_rows(synthetic=tables["synthetic"], zero_shot=tables["zero_shot"], model=model,
+                        orderings_df=tables["orderings"], zero_shot_model=zero_shot_model)
+    results.save(claims, "bitmod", "accuracy_claims", scale=scale,
+                 params={"model": model, "corpus": "wikipedia", "zero_shot_model": zero_shot_model,
+                         "from": list(names.values())},
+                 **({"path": Path(out) / "accuracy_claims.csv"} if out else {}))
+    return claims
 
 
 def _load_model(args):
@@ -515,7 +577,12 @@ def main(argv=None) -> int:
     ap.add_argument("--zero-shot-bits", default="4,3", help="bit widths of the zero-shot sweep")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--summarize", nargs="+", metavar="WINDOWS_CSV", help="only merge these windows files")
+    ap.add_argument("--claims", action="store_true", help="only write accuracy_claims (the scorecard rows) from the "
+                                                          f"committed {', '.join(CLAIMS_FROM.values())}")
     args = ap.parse_args(argv)
+    if args.claims:
+        print(write_claims(scale=args.scale, out=Path(args.out)).to_string(), flush=True)
+        return 0
     out = Path(args.out)
     tag = f"_{args.tag}" if args.tag else ""
     extra = {"library_fingerprint": __import__("effllm_lib.paths", fromlist=["x"]).library_fingerprint()}
@@ -524,7 +591,7 @@ def main(argv=None) -> int:
         df = _merge_windows(frames)
         models = sorted(df.model.unique())
         name = models[0] if len(models) == 1 else "all"
-        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot}
+        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot, **_run_params(frames, df)}
         s = summarize(df, n_boot=args.n_boot)
         o = orderings(df, n_boot=args.n_boot)
         results.save(s, "bitmod", f"accuracy_{name}{tag}", params=params, scale=args.scale, extra=extra,
