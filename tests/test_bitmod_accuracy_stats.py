@@ -136,3 +136,18 @@ def test_claim_rows_from_orderings_take_the_round_to_nearest_setting_with_its_in
     assert c.ours_hi["acc_ratio_bitmod_over_float_w3"] == pytest.approx(1.15)
     assert "acc_ratio_ant_over_bitmod_w4" not in c.index  # no 4-bit rows in the table: no claim invented
     assert "135M" in c.stand_in["acc_ratio_olive_over_ant_w3"] and "12 windows of 512" in c.stand_in["acc_ratio_olive_over_ant_w3"]
+
+
+def test_merge_adds_the_no_op_clip_rows_of_olive_only_where_clipped_runs_exist():
+    def rows(config, dtype, bits, clip, nll):
+        return [{"model": "m", "corpus": "c", "config": config, "dtype": dtype, "bits": bits, "group_size": 128,
+                 "clip": clip, "calibration": "none", "window": w, "tokens": 10, "nll_sum": nll + w,
+                 "kl_sum": 0.1, "top1_same": 5.0} for w in range(3)]
+    a = pd.DataFrame(rows("float", "float", 16, False, 1.0) + rows("olive3", "olive", 3, False, 2.0)
+                     + rows("olive4", "olive", 4, False, 3.0))
+    b = pd.DataFrame(rows("float", "float", 16, False, 1.0) + rows("bitmod3+clip", "bitmod", 3, True, 4.0))
+    m = A._merge_windows([a, b])
+    assert sorted(m.config.unique()) == ["bitmod3+clip", "float", "olive3", "olive3+clip", "olive4"]
+    o, oc = m[m.config == "olive3"], m[m.config == "olive3+clip"]
+    assert oc.nll_sum.tolist() == o.nll_sum.tolist() and oc["clip"].all()
+    assert len(m[m.config == "float"]) == 3

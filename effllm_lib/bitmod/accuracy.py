@@ -486,7 +486,27 @@ def _merge_windows(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Per-window tables of several runs (e.g. one device call per bit width) as one; the float model, scored
     by every run, is kept once."""
     df = pd.concat(frames, ignore_index=True)
-    return df.drop_duplicates(["model", "corpus", "config", "window"], keep="first").reset_index(drop=True)
+    df = df.drop_duplicates(["model", "corpus", "config", "window"], keep="first").reset_index(drop=True)
+    return _with_no_op_clip_rows(df)
+
+
+def _with_no_op_clip_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the "+clip" rows of OliVe / IQ4_NL (copies of the rows without clip, as ``kl_sweep`` makes them:
+    they search their own scales, so the clipping option changes nothing) wherever other clipped
+    configurations of the same model, corpus, bits and calibration exist but these copies are missing (e.g.
+    the runs were split so that another call measured the clipped configurations)."""
+    add = []
+    clipped = df[df["clip"].astype(bool)]
+    have_clip = set(zip(clipped.model, clipped.corpus, clipped.bits, clipped.calibration))
+    for (model, corpus, config), g in df[~df["clip"].astype(bool)].groupby(["model", "corpus", "config"], sort=False):
+        r = g.iloc[0]
+        if r["dtype"] not in ("olive", "iq4_nl") or (model, corpus, r.bits, r.calibration) not in have_clip:
+            continue
+        twin = BitMoDConfig(bits=int(r.bits), group_size=int(r.group_size), dtype=r["dtype"], clip=True,
+                            calibration=r.calibration).label
+        if not ((df.model == model) & (df.corpus == corpus) & (df.config == twin)).any():
+            add.append(g.assign(config=twin, clip=True))
+    return pd.concat([df, *add], ignore_index=True) if add else df
 
 
 def _run_params(frames: list[pd.DataFrame], df: pd.DataFrame) -> dict:
