@@ -405,8 +405,8 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                 rows.append({"claim_id": f"acc_ppl_{pid}_{what}_{c}", "ours": float("nan"),
                              "status": "not_reproducible",
                              "reason": "Llama-2/3 weights and WikiText-2/C4 are not available offline (no model "
-                                       "hub). AWQ+BitMoD on our model is in accuracy_smollm2-135m. See the ratio "
-                                       "claims on our models."})
+                                       "hub). Calibrated BitMoD (activation weighting, AWQ) on our models: "
+                                       "accuracy_smollm2-135m. See the ratio claims on our models."})
     for pid, name in (("llama2_7b", "Llama-2-7B"), ("phi2", "Phi-2")):
         for m in ("bitmod", "ant", "olive"):
             for b in (3, 4):
