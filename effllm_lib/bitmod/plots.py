@@ -137,7 +137,7 @@ def kl_by_config(summary: pd.DataFrame, bits=(3, 4)) -> plt.Figure:
     95% bootstrap interval over windows; one panel per bit width, round to nearest (open) vs clipped (filled)
     and calibrated configurations (squares) side by side per method."""
     d = summary[summary.config != "float"]
-    fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, len(bits), figsize=(7 * len(bits), 4.5), squeeze=False)
     for ax, b in zip(axes[0], bits):
         s = d[d.bits == b].copy()
         if s.empty:
@@ -154,8 +154,9 @@ def kl_by_config(summary: pd.DataFrame, bits=(3, 4)) -> plt.Figure:
                     ax.annotate(r.calibration, (x, r.kl_hi), fontsize=7, ha="center", va="bottom")
         ax.set_xticks(range(len(methods)), methods, rotation=30)
         ax.set_yscale("log")
-        figures.label(ax, "method (open: round to nearest, filled: clipping search, square: calibrated)",
-                      "KL(float || quantized) per token (nats, log)", f"{b}-bit weights")
+        figures.label(ax, "method", "KL(float || quantized) per token (nats, log)",
+                      f"{b}-bit weights (open: round to nearest, filled: clipped, square: calibrated)")
+    fig.tight_layout()
     return fig
 
 
@@ -167,7 +168,7 @@ def paired_ratios(orderings: pd.DataFrame, comparisons=PAPER_COMPARISONS, calibr
     if d.empty:
         raise ValueError(f"no orderings among {comparisons} with calibration {calibration!r}")
     bits = sorted(d.bits.unique())
-    fig, axes = plt.subplots(1, len(bits), figsize=(6 * len(bits), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(bits), figsize=(7 * len(bits), 4), squeeze=False)
     for ax, b in zip(axes[0], bits):
         s = d[d.bits == b]
         names = [c for c in comparisons if c in set(s.comparison)]
@@ -183,4 +184,5 @@ def paired_ratios(orderings: pd.DataFrame, comparisons=PAPER_COMPARISONS, calibr
         figures.label(ax, "perplexity ratio a / b (paired 95% interval, log)", "comparison a / b",
                       f"{b}-bit weights")
         ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
