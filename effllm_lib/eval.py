@@ -159,43 +159,55 @@ def _kl_and_agreement(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int
 
 @torch.no_grad()
 def window_scores(model, windows: torch.Tensor, reference=None, kl_windows=None, batch_size: int = 1,
-                  progress: bool = True, desc: str = "windows") -> WindowScores:
+                  progress: bool = True, desc: str = "windows", keep_logits: dict | None = None) -> WindowScores:
     """Next-token NLL of ``model`` on every window of ``windows`` ([n, seq_len] token ids), and where
     ``reference`` (the float model) is given, the per-token KL divergence of ``model``'s next-token
     distribution from the reference's, KL(P_ref || P_model) = sum_v p_ref(v) log(p_ref(v) / p_model(v)), as
     llama.cpp's --kl-divergence reports it. ``kl_windows``: indices of the windows that get the KL (default:
-    all; the reference needs one extra forward pass per KL window)."""
+    all; the reference needs one extra forward pass per KL window). ``reference`` may instead be a dict
+    {window index: the reference's logits [seq_len - 1, vocab]} filled by an earlier call's ``keep_logits``
+    (a dict that receives this model's logits of the ``kl_windows``), which saves that forward pass."""
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[1] < 2:
         raise ValueError(f"windows must be a [n, seq_len >= 2] tensor, got {getattr(windows, 'shape', windows)}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     n = windows.shape[0]
     kl_set = set(range(n)) if kl_windows is None else {int(i) for i in kl_windows}
+    keep_set = set(kl_set) if keep_logits is not None else set()
     if reference is None:
         kl_set = set()
+    elif isinstance(reference, dict):
+        missing = sorted(set(kl_set) - set(reference))
+        if missing:
+            raise ValueError(f"reference logits are missing for windows {missing[:5]}")
     if any(not 0 <= i < n for i in kl_set):
         raise ValueError(f"kl_windows must index the {n} windows")
     from tqdm.auto import tqdm
 
     model.eval()
-    if reference is not None:
+    if reference is not None and not isinstance(reference, dict):
         reference.eval()
     device = _device(model)
     nan = float("nan")
     out = WindowScores(torch.full((n,), windows.shape[1] - 1, dtype=torch.long), torch.zeros(n, dtype=torch.float64),
                        torch.full((n,), nan, dtype=torch.float64), torch.full((n,), nan, dtype=torch.float64))
     # KL windows first, in their own batches, so only they pay the reference's forward pass
-    with_kl, without = sorted(kl_set), [i for i in range(n) if i not in kl_set]
+    with_kl, without = sorted(kl_set | keep_set), [i for i in range(n) if i not in kl_set | keep_set]
     batches = ([with_kl[i:i + batch_size] for i in range(0, len(with_kl), batch_size)]
                + [without[i:i + batch_size] for i in range(0, len(without), batch_size)])
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         x = windows[batch].to(device)
         logits = model(input_ids=x).logits
-        ref_logits = reference(input_ids=x.to(_device(reference))).logits if batch[0] in kl_set else None
+        ref_logits = None
+        if batch[0] in kl_set and not isinstance(reference, dict):
+            ref_logits = reference(input_ids=x.to(_device(reference))).logits
         for j, w in enumerate(batch):
             out.nll_sum[w] = float(F.cross_entropy(logits[j, :-1].float(), x[j, 1:], reduction="sum"))
-            if ref_logits is not None:
-                kl, same = _kl_and_agreement(ref_logits[j, :-1].to(logits.device), logits[j, :-1])
+            if w in keep_set:
+                keep_logits[w] = logits[j, :-1].float().cpu().clone()
+            if w in kl_set:
+                ref = reference[w] if isinstance(reference, dict) else ref_logits[j, :-1]
+                kl, same = _kl_and_agreement(ref.to(logits.device), logits[j, :-1])
                 out.kl_sum[w], out.top1_same[w] = kl, same
     return out
 

@@ -98,3 +98,56 @@ def test_sweep_configs_and_spread():
     assert len(cfgs) == 2 * 2 * 3  # NF4 only at 4 bits
     assert {c.label for c in cfgs} >= {"bitmod3", "bitmod3+clip", "nf44+clip+awq"}
     assert A.spread(10, 3) == [0, 4, 9] and A.spread(5, None) == [0, 1, 2, 3, 4] and A.spread(3, 8) == [0, 1, 2]
+
+
+def test_sweep_configs_calibrated_only_for_the_named_methods_and_clips():
+    cfgs = A.sweep_configs(("bitmod", "ant"), bits=(3,), clips=(False, True), calibrations=("none", "act"),
+                           calib_methods=("bitmod",), calib_clips=(True,))
+    assert [c.label for c in cfgs] == ["bitmod3", "ant3", "bitmod3+clip", "ant3+clip", "bitmod3+clip+act"]
+
+
+def test_kl_sweep_copies_olive_clip_rows_and_caches_the_reference():
+    from effllm_lib.models import tiny_causal_lm
+
+    model, tok = tiny_causal_lm("llama", seed=0, tokenizer="byte")
+    text = "the quick brown fox jumps over the lazy dog. " * 40
+    cfgs = A.sweep_configs(("olive", "int_asym"), bits=(3,), clips=(False, True))
+    kw = dict(seq_len=32, max_windows=4, kl_windows=3)
+    cached = A.kl_sweep(model, tok, {"t": text}, cfgs, cache_reference=True, **kw)
+    direct = A.kl_sweep(model, tok, {"t": text}, cfgs, cache_reference=False, **kw)
+    o, oc = (cached[cached.config == c].reset_index(drop=True) for c in ("olive3", "olive3+clip"))
+    assert o.nll_sum.tolist() == oc.nll_sum.tolist() and oc["clip"].all() and not o["clip"].any()
+    assert cached.nll_sum.tolist() == direct.nll_sum.tolist()
+    assert np.allclose(cached.kl_sum.fillna(-1), direct.kl_sum.fillna(-1), rtol=1e-6)
+
+
+def test_claim_rows_from_orderings_take_the_round_to_nearest_setting_with_its_interval():
+    rows = []
+    for clip in (False, True):
+        for comp, ratio in (("ant vs bitmod", 1.3), ("olive vs ant", 1.1), ("bitmod vs float", 1.05)):
+            r = ratio + (0.5 if clip else 0)  # the clipped rows must not be picked
+            rows.append({"model": "smollm2-135m", "corpus": "wikipedia", "bits": 3, "clip": clip,
+                         "calibration": "none", "comparison": comp, "ppl_ratio": r, "ppl_ratio_lo": r - 0.1,
+                         "ppl_ratio_hi": r + 0.1, "kl_diff": 0.2, "kl_diff_lo": 0.1, "kl_diff_hi": 0.3})
+    o = pd.DataFrame(rows)
+    o.attrs["provenance"] = {"params": {"windows": 12, "seq_len": 512, "tokens": 6132}}
+    c = A.claim_rows(orderings_df=o, model="smollm2-135m").set_index("claim_id")
+    assert c.ours["acc_ratio_ant_over_bitmod_w3"] == 1.3 and c.ours_lo["acc_ratio_ant_over_bitmod_w3"] == 1.2
+    assert c.ours_hi["acc_ratio_bitmod_over_float_w3"] == pytest.approx(1.15)
+    assert "acc_ratio_ant_over_bitmod_w4" not in c.index  # no 4-bit rows in the table: no claim invented
+    assert "135M" in c.stand_in["acc_ratio_olive_over_ant_w3"] and "12 windows of 512" in c.stand_in["acc_ratio_olive_over_ant_w3"]
+
+
+def test_merge_adds_the_no_op_clip_rows_of_olive_only_where_clipped_runs_exist():
+    def rows(config, dtype, bits, clip, nll):
+        return [{"model": "m", "corpus": "c", "config": config, "dtype": dtype, "bits": bits, "group_size": 128,
+                 "clip": clip, "calibration": "none", "window": w, "tokens": 10, "nll_sum": nll + w,
+                 "kl_sum": 0.1, "top1_same": 5.0} for w in range(3)]
+    a = pd.DataFrame(rows("float", "float", 16, False, 1.0) + rows("olive3", "olive", 3, False, 2.0)
+                     + rows("olive4", "olive", 4, False, 3.0))
+    b = pd.DataFrame(rows("float", "float", 16, False, 1.0) + rows("bitmod3+clip", "bitmod", 3, True, 4.0))
+    m = A._merge_windows([a, b])
+    assert sorted(m.config.unique()) == ["bitmod3+clip", "float", "olive3", "olive3+clip", "olive4"]
+    o, oc = m[m.config == "olive3"], m[m.config == "olive3+clip"]
+    assert oc.nll_sum.tolist() == o.nll_sum.tolist() and oc["clip"].all()
+    assert len(m[m.config == "float"]) == 3

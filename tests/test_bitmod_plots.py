@@ -77,3 +77,46 @@ def test_sensitivity_one_panel_per_knob():
 def test_small_models_axes():
     ax = plots.small_models(results.load("bitmod", "accel_small_models")).axes[0]
     assert ax.get_ylabel() == "generation speed-up over FP16 (x)"
+
+
+def _summary_and_orderings():
+    # a hand-made table: two methods, clip off/on, one calibrated; KL and ratios with known intervals
+    summary = pd.DataFrame([
+        {"config": "float", "dtype": "float", "bits": 16, "clip": False, "calibration": "none", "kl": 0.0,
+         "kl_lo": 0.0, "kl_hi": 0.0},
+        *[{"config": f"{m}3{'+clip' if c else ''}", "dtype": m, "bits": 3, "clip": c, "calibration": "none",
+           "kl": k, "kl_lo": k * 0.9, "kl_hi": k * 1.1}
+          for m, c, k in (("ant", False, 0.5), ("ant", True, 0.4), ("bitmod", False, 0.3), ("bitmod", True, 0.2))],
+        {"config": "bitmod3+clip+awq", "dtype": "bitmod", "bits": 3, "clip": True, "calibration": "awq",
+         "kl": 0.15, "kl_lo": 0.1, "kl_hi": 0.2}])
+    orderings = pd.DataFrame([
+        {"bits": 3, "clip": c, "calibration": "none", "comparison": "ant vs bitmod", "ppl_ratio": r,
+         "ppl_ratio_lo": r - 0.05, "ppl_ratio_hi": r + 0.05} for c, r in ((False, 1.3), (True, 1.2))])
+    return summary, orderings
+
+
+def test_kl_by_config_one_errorbar_per_config_with_the_interval():
+    summary, _ = _summary_and_orderings()
+    fig = plots.kl_by_config(summary, bits=(3,))
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and "nats" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["ant", "bitmod"]
+    # each errorbar container: the point and its vertical interval ends
+    points = sorted(float(c.lines[0].get_ydata()[0]) for c in ax.containers)
+    assert points == [0.15, 0.2, 0.3, 0.4, 0.5]
+    with pytest.raises(ValueError, match="4-bit"):
+        plots.kl_by_config(summary, bits=(4,))
+
+
+def test_paired_ratios_show_each_clip_setting_with_its_interval():
+    _, orderings = _summary_and_orderings()
+    fig = plots.paired_ratios(orderings)
+    ax = fig.axes[0]
+    assert "paired 95% interval" in ax.get_xlabel()
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["ant / bitmod"]
+    xs = sorted(float(c.lines[0].get_xdata()[0]) for c in ax.containers)
+    assert xs == [1.2, 1.3]
+    segs = ax.containers[0].lines[2][0].get_segments()  # the horizontal interval of the first series
+    assert [round(float(v), 6) for v in segs[0][:, 0]] == [1.25, 1.35]
+    with pytest.raises(ValueError, match="no orderings"):
+        plots.paired_ratios(orderings, calibration="awq")

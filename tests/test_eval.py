@@ -199,3 +199,17 @@ def test_window_scores_bad_input():
         E.window_scores(model, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="kl_windows"):
         E.window_scores(model, torch.zeros(2, 4, dtype=torch.long), reference=model, kl_windows=[5])
+
+
+def test_window_scores_with_kept_reference_logits_equal_the_reference_model():
+    ref, model = tiny_llama(seed=0), tiny_llama(seed=1)
+    windows = torch.randint(0, 64, (3, 9), generator=torch.Generator().manual_seed(0))
+    kept = {}
+    E.window_scores(ref, windows, kl_windows=[0, 2], progress=False, keep_logits=kept)
+    assert sorted(kept) == [0, 2] and kept[0].shape[0] == 8
+    direct = E.window_scores(model, windows, reference=ref, kl_windows=[0, 2], progress=False)
+    cached = E.window_scores(model, windows, reference=kept, kl_windows=[0, 2], progress=False)
+    assert torch.equal(direct.nll_sum, cached.nll_sum)
+    assert torch.allclose(direct.kl_sum.nan_to_num(-1), cached.kl_sum.nan_to_num(-1), rtol=1e-6)
+    with pytest.raises(ValueError, match="missing"):
+        E.window_scores(model, windows, reference=kept, kl_windows=[1], progress=False)

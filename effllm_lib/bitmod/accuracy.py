@@ -143,14 +143,17 @@ SETTING = ["model", "corpus", "bits", "clip", "calibration"]
 
 
 def sweep_configs(methods=METHODS, bits=(3, 4), clips=(False, True), calibrations=("none",),
-                  group_size: int = 128) -> list[BitMoDConfig]:
-    """Every method x bits x clipping x calibration (FLINT / NF4 / IQ4_NL only at 4 bits)."""
+                  group_size: int = 128, calib_methods=None, calib_clips=None) -> list[BitMoDConfig]:
+    """Every method x bits x clipping x calibration (FLINT / NF4 / IQ4_NL only at 4 bits); the calibrated
+    configurations only for ``calib_methods`` and ``calib_clips`` when given (calibration costs a search)."""
     out = []
     for cal in calibrations:
-        for c in clips:
+        for c in (clips if cal == "none" or calib_clips is None else calib_clips):
             for b in bits:
                 for m in methods:
                     if m in FOUR_BIT_ONLY and b != 4:
+                        continue
+                    if cal != "none" and calib_methods is not None and m not in calib_methods:
                         continue
                     out.append(BitMoDConfig(bits=b, group_size=group_size, dtype=m, clip=bool(c), calibration=cal))
     return out
@@ -168,11 +171,16 @@ def spread(total: int, k: int | None) -> list[int]:
 def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: int = 2048, bos="auto",
              max_windows: int | None = None, kl_windows: int | None = 64, calibration_windows=None,
              calibration_sample: int = 512, batch_size: int = 1, model_name: str = "", progress: bool = False,
-             log: Callable | None = None, on_config: Callable | None = None) -> pd.DataFrame:
+             log: Callable | None = None, on_config: Callable | None = None,
+             cache_reference: bool = False) -> pd.DataFrame:
     """One row per (configuration, corpus, window): tokens, nll_sum, kl_sum, top1_same, plus the configuration
     and its quantization report. The float model is the first configuration (KL 0 by definition).
     ``on_config(rows so far)`` runs after each configuration (the CLI saves the partial table there, so a run
-    cut off by a time limit still returns every configuration it finished)."""
+    cut off by a time limit still returns every configuration it finished). ``cache_reference``: keep the float
+    model's logits of the KL windows in memory (seq_len x vocab x 4 bytes each, ~100 MB for SmolLM2 at 512)
+    instead of running the float model again beside every configuration (half the forward passes on a CPU).
+    A "+clip" configuration of OliVe or IQ4_NL (which search their own scales, so clipping changes nothing)
+    copies the rows of the same configuration without clip when that ran first."""
     if not texts:
         raise ValueError("texts must name at least one corpus")
     use_bos = E._resolve_bos(tokenizer, bos)
@@ -194,7 +202,21 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
         if log:
             log(f"calibration: {calibration_windows.numel()} tokens, {time.perf_counter() - start:.1f} s")
     rows = []
+    ref_logits = {corpus: {} for corpus in windows}  # the float model's logits of the KL windows, kept once
+    done: dict[str, list] = {}  # config label -> its rows
     for cfg in [None, *configs_list]:
+        twin = _same_as_without_clip(cfg)
+        if twin is not None and twin.label in done:
+            # OliVe and IQ4_NL search their own scales; the clipping option changes nothing: copy the rows
+            new = [{**r, "config": cfg.label, "clip": True} for r in done[twin.label]]
+            rows += new
+            done[cfg.label] = new
+            if log:
+                log(f"{cfg.label:>24} same as {twin.label} (the clipping search does not apply)")
+            if on_config is not None:
+                on_config(pd.DataFrame(rows))
+            continue
+        first = len(rows)
         if cfg is None:
             model, report = base, None
         else:
@@ -205,11 +227,14 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
         for corpus, win in windows.items():
             start = time.perf_counter()
             if cfg is None:  # the reference itself: KL 0, every argmax the same
-                sc = E.window_scores(model, win, batch_size=batch_size, progress=progress, desc=f"float {corpus}")
+                keep = ref_logits[corpus] if cache_reference else None
+                sc = E.window_scores(model, win, kl_windows=kl_idx[corpus], batch_size=batch_size,
+                                     progress=progress, desc=f"float {corpus}", keep_logits=keep)
                 for i in kl_idx[corpus]:
                     sc.kl_sum[i], sc.top1_same[i] = 0.0, float(sc.tokens[i])
             else:
-                sc = E.window_scores(model, win, reference=base, kl_windows=kl_idx[corpus], batch_size=batch_size,
+                ref = ref_logits[corpus] if cache_reference else base
+                sc = E.window_scores(model, win, reference=ref, kl_windows=kl_idx[corpus], batch_size=batch_size,
                                      progress=progress, desc=f"{cfg.label} {corpus}")
             seconds = time.perf_counter() - start
             for w in range(len(win)):
@@ -221,11 +246,21 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
                 kt = sc.tokens[kl_idx[corpus]].sum().item()
                 log(f"{info['config']:>24} {corpus:>10} ppl {math.exp(sc.nll_sum.sum().item() / n):8.3f} "
                     f"KL {k / kt:.5f} ({seconds:.1f} s, quant {info['quant_seconds']:.1f} s)")
+        done[info["config"]] = rows[first:]
         if cfg is not None:
             del model
         if on_config is not None:
             on_config(pd.DataFrame(rows))
     return pd.DataFrame(rows)
+
+
+def _same_as_without_clip(cfg):
+    """The configuration without clip when the clipping option is a no-op for ``cfg``'s data type, else None."""
+    if cfg is None or not cfg.clip or cfg.dtype not in ("olive", "iq4_nl"):
+        return None
+    from dataclasses import replace
+
+    return replace(cfg, clip=False)
 
 
 def _boot_idx(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -346,11 +381,23 @@ def _model_size(name: str) -> str:
     return f"a {n / 1e9:.1f}B model" if n >= 1e9 else f"a {n / 1e6:.0f}M model"
 
 
+def _windows_note(orderings_df: pd.DataFrame) -> str:
+    """', 12 of 4115 windows of 512 tokens' from the orderings file's provenance (empty when unknown)."""
+    meta = orderings_df.attrs.get("provenance", {}).get("params", {})
+    n = meta.get("windows")
+    return "" if not n else f", {n} windows of {meta.get('seq_len')} tokens ({meta.get('tokens')} tokens)"
+
+
 # Paper ratios derived from the published round-to-nearest perplexities (papers.md): Llama-2-7B and Phi-2.
 def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None = None,
                zero_shot: pd.DataFrame | None = None, model: str = "smollm2-135m",
-               corpus: str = "wikipedia") -> pd.DataFrame:
-    """Scorecard rows (claim_id, ours, status, reason) from our measured tables."""
+               corpus: str = "wikipedia", orderings_df: pd.DataFrame | None = None,
+               zero_shot_model: str | None = None) -> pd.DataFrame:
+    """Scorecard rows (claim_id, ours, status, reason; ours_lo / ours_hi / stand_in where measured with
+    intervals) from our measured tables. ``orderings_df`` (``orderings`` of a KL sweep) gives the ratio claims
+    with their paired intervals, from the round-to-nearest setting (no clipping, no calibration) that the
+    paper's ratios describe; otherwise ``ppl`` (the older per-configuration sweep) gives point values.
+    ``zero_shot_model``: the model whose zero-shot table gives the discriminative-loss claim (default ``model``)."""
     rows = []
     for pid in ("llama2_7b", "llama3_8b"):
         for what in ("fp16", "w4_awq", "w3_awq"):
@@ -358,7 +405,8 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                 rows.append({"claim_id": f"acc_ppl_{pid}_{what}_{c}", "ours": float("nan"),
                              "status": "not_reproducible",
                              "reason": "Llama-2/3 weights and WikiText-2/C4 are not available offline (no model "
-                                       "hub); AWQ is not implemented here. See the ratio claims on our models."})
+                                       "hub). Calibrated BitMoD (activation weighting, AWQ) on our models: "
+                                       "accuracy_smollm2-135m. See the ratio claims on our models."})
     for pid, name in (("llama2_7b", "Llama-2-7B"), ("phi2", "Phi-2")):
         for m in ("bitmod", "ant", "olive"):
             for b in (3, 4):
@@ -368,7 +416,23 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                                        f"{model} is in the acc_ratio_* claims"})
     rows.append({"claim_id": "acc_rtn_phi2_fp16_wikitext2", "ours": float("nan"), "status": "not_reproducible",
                  "reason": "Phi-2 weights are not available offline"})
-    if ppl is not None:
+    if orderings_df is not None:
+        o = orderings_df[(orderings_df.model == model) & (orderings_df.corpus == corpus) & ~orderings_df["clip"]
+                         & (orderings_df.calibration == "none")].set_index(["comparison", "bits"])
+        n_win = _windows_note(orderings_df)
+        for b in (3, 4):
+            for claim, comp in (("ant_over_bitmod", "ant vs bitmod"), ("olive_over_ant", "olive vs ant"),
+                                ("bitmod_over_float", "bitmod vs float")):
+                if (comp, b) not in o.index:
+                    continue
+                r = o.loc[(comp, b)]
+                rows.append({"claim_id": f"acc_ratio_{claim}_w{b}", "ours": r.ppl_ratio, "ours_lo": r.ppl_ratio_lo,
+                             "ours_hi": r.ppl_ratio_hi, "status": "measured",
+                             "stand_in": f"{model} ({_model_size(model)}, float = its dequantized 4-bit GGUF) on "
+                                         f"English Wikipedia{n_win}",
+                             "reason": f"round to nearest, group 128; paired bootstrap over windows; KL difference "
+                                       f"{r.kl_diff:+.4f} nats/token [{r.kl_diff_lo:+.4f}, {r.kl_diff_hi:+.4f}]"})
+    elif ppl is not None:
         p = ppl[(ppl.model == model) & (ppl.corpus == corpus)].set_index(["dtype", "bits"]).ppl
         fp = p["float", 16]
         for b in (3, 4):
@@ -387,11 +451,12 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                 rows.append({"claim_id": f"acc_synthetic_mse_{key}_w{b}", "ours": s[dist, b, "bitmod"],
                              "status": "measured", "reason": "4096 i.i.d. groups of 128, seed 0"})
     if zero_shot is not None:
+        zs_model = zero_shot_model or model
         loss = accuracy_loss(zero_shot)
-        loss = loss[loss.model == model]
+        loss = loss[loss.model == zs_model]
         rows.append({"claim_id": "acc_discriminative_loss_w4", "ours": float(loss.loss_pp.mean()),
                      "status": "measured",
-                     "reason": f"{model}: mean over {len(loss)} zero-shot BIG-bench multiple-choice tasks "
+                     "reason": f"{zs_model}: mean over {len(loss)} zero-shot BIG-bench multiple-choice tasks "
                                f"({', '.join(loss.task)}; {int(loss.n.sum())} questions)"})
     return pd.DataFrame(rows)
 
@@ -421,7 +486,59 @@ def _merge_windows(frames: list[pd.DataFrame]) -> pd.DataFrame:
     """Per-window tables of several runs (e.g. one device call per bit width) as one; the float model, scored
     by every run, is kept once."""
     df = pd.concat(frames, ignore_index=True)
-    return df.drop_duplicates(["model", "corpus", "config", "window"], keep="first").reset_index(drop=True)
+    df = df.drop_duplicates(["model", "corpus", "config", "window"], keep="first").reset_index(drop=True)
+    return _with_no_op_clip_rows(df)
+
+
+def _with_no_op_clip_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """Add the "+clip" rows of OliVe / IQ4_NL (copies of the rows without clip, as ``kl_sweep`` makes them:
+    they search their own scales, so the clipping option changes nothing) wherever other clipped
+    configurations of the same model, corpus, bits and calibration exist but these copies are missing (e.g.
+    the runs were split so that another call measured the clipped configurations)."""
+    add = []
+    clipped = df[df["clip"].astype(bool)]
+    have_clip = set(zip(clipped.model, clipped.corpus, clipped.bits, clipped.calibration))
+    for (model, corpus, config), g in df[~df["clip"].astype(bool)].groupby(["model", "corpus", "config"], sort=False):
+        r = g.iloc[0]
+        if r["dtype"] not in ("olive", "iq4_nl") or (model, corpus, r.bits, r.calibration) not in have_clip:
+            continue
+        twin = BitMoDConfig(bits=int(r.bits), group_size=int(r.group_size), dtype=r["dtype"], clip=True,
+                            calibration=r.calibration).label
+        if not ((df.model == model) & (df.corpus == corpus) & (df.config == twin)).any():
+            add.append(g.assign(config=twin, clip=True))
+    return pd.concat([df, *add], ignore_index=True) if add else df
+
+
+def _run_params(frames: list[pd.DataFrame], df: pd.DataFrame) -> dict:
+    """What a merged table was measured on: windows, predicted tokens, window length, clipping, calibration."""
+    src = [f.attrs.get("provenance", {}).get("params", {}) for f in frames]
+    fl = df[df.config == "float"]
+    return {"models": sorted(df.model.unique()), "windows": int(fl.groupby(["model", "corpus"]).size().max()),
+            "tokens": int(fl.groupby(["model", "corpus"]).tokens.sum().max()),
+            "seq_len": next((p["seq_len"] for p in src if p.get("seq_len")), None),
+            "clip": sorted({bool(c) for c in df["clip"]}), "calibration": sorted(df.calibration.unique()),
+            "configs": list(dict.fromkeys(df.config))}
+
+
+CLAIMS_FROM = {"orderings": "orderings_smollm2-135m", "synthetic": "synthetic_mse",
+               "zero_shot": "zeroshot_qwen2.5-1.5b"}
+
+
+def write_claims(model: str = "smollm2-135m", zero_shot_model: str = "qwen2.5-1.5b", scale: str = "full",
+                 out: Path | None = None) -> pd.DataFrame:
+    """accuracy_claims (the scorecard rows) from the committed orderings, synthetic and zero-shot files."""
+    from .. import results
+
+    names = {"orderings": f"orderings_{model}", "synthetic": "synthetic_mse",
+             "zero_shot": f"zeroshot_{zero_shot_model}"}
+    tables = {k: results.load("bitmod", v) for k, v in names.items()}
+    claims = claim_rows(synthetic=tables["synthetic"], zero_shot=tables["zero_shot"], model=model,
+                        orderings_df=tables["orderings"], zero_shot_model=zero_shot_model)
+    results.save(claims, "bitmod", "accuracy_claims", scale=scale,
+                 params={"model": model, "corpus": "wikipedia", "zero_shot_model": zero_shot_model,
+                         "from": list(names.values())},
+                 **({"path": Path(out) / "accuracy_claims.csv"} if out else {}))
+    return claims
 
 
 def _load_model(args):
@@ -470,10 +587,22 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="3,4", help="bit widths")
     ap.add_argument("--clip", default="0,1", help="clipping search off (0) / on (1), comma-separated")
     ap.add_argument("--calibration", default="none", help=f"comma-separated, of {', '.join(CALIBRATIONS)}")
+    ap.add_argument("--calib-methods", default=None, help="methods that get the calibrated configurations "
+                                                             "(default: all of --methods)")
+    ap.add_argument("--calib-clip", default=None, help="clipping settings of the calibrated configurations "
+                                                        "(default: those of --clip)")
+    ap.add_argument("--cache-reference", action="store_true",
+                    help="keep the float model's logits of the KL windows in memory instead of a second forward "
+                         "pass per configuration (~100 MB per 512-token window of a 49k vocabulary)")
     ap.add_argument("--zero-shot-bits", default="4,3", help="bit widths of the zero-shot sweep")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--summarize", nargs="+", metavar="WINDOWS_CSV", help="only merge these windows files")
+    ap.add_argument("--claims", action="store_true", help="only write accuracy_claims (the scorecard rows) from the "
+                                                          f"committed {', '.join(CLAIMS_FROM.values())}")
     args = ap.parse_args(argv)
+    if args.claims:
+        print(write_claims(scale=args.scale, out=Path(args.out)).to_string(), flush=True)
+        return 0
     out = Path(args.out)
     tag = f"_{args.tag}" if args.tag else ""
     extra = {"library_fingerprint": __import__("effllm_lib.paths", fromlist=["x"]).library_fingerprint()}
@@ -482,7 +611,7 @@ def main(argv=None) -> int:
         df = _merge_windows(frames)
         models = sorted(df.model.unique())
         name = models[0] if len(models) == 1 else "all"
-        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot}
+        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot, **_run_params(frames, df)}
         s = summarize(df, n_boot=args.n_boot)
         o = orderings(df, n_boot=args.n_boot)
         results.save(s, "bitmod", f"accuracy_{name}{tag}", params=params, scale=args.scale, extra=extra,
@@ -535,7 +664,11 @@ def main(argv=None) -> int:
             results.save(df, "bitmod", f"windows_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
                          path=out / f"windows_{args.model}{tag}.csv")
 
-        df = kl_sweep(base, tok, texts, sweep_configs(methods, bits, clips, calibrations), seq_len=seq_len,
+        calib_methods = tuple(args.calib_methods.split(",")) if args.calib_methods else None
+        calib_clips = (tuple(sorted({bool(int(c)) for c in args.calib_clip.split(",") if c}))
+                       if args.calib_clip else None)
+        cfgs = sweep_configs(methods, bits, clips, calibrations, calib_methods=calib_methods, calib_clips=calib_clips)
+        df = kl_sweep(base, tok, texts, cfgs, seq_len=seq_len, cache_reference=args.cache_reference,
                       max_windows=args.max_windows, kl_windows=args.kl_windows, calibration_windows=calib,
                       calibration_sample=args.calib_sample, batch_size=args.batch_size, model_name=args.model,
                       log=lambda m: print(m, flush=True), on_config=save_windows)

@@ -125,3 +125,64 @@ def small_models(small: pd.DataFrame) -> plt.Figure:
                 palette=[figures.color(d) for d in rest.design.unique()])
     figures.label(ax, "model", "generation speed-up over FP16 (x)", "Small current models, per-KV-head attention")
     return fig
+
+
+# ------------------------------------------------------------------ KL and perplexity with intervals (part 2)
+PAPER_COMPARISONS = ("ant vs bitmod", "olive vs ant", "olive vs bitmod", "int_asym vs bitmod", "nf4 vs bitmod",
+                     "iq4_nl vs bitmod", "bitmod vs float")
+
+
+def kl_by_config(summary: pd.DataFrame, bits=(3, 4)) -> plt.Figure:
+    """Mean per-token KL divergence from the float model (nats, log scale) of every configuration, with its
+    95% bootstrap interval over windows; one panel per bit width, round to nearest (open) vs clipped (filled)
+    and calibrated configurations (squares) side by side per method."""
+    d = summary[summary.config != "float"]
+    fig, axes = plt.subplots(1, len(bits), figsize=(7 * len(bits), 4.5), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        s = d[d.bits == b].copy()
+        if s.empty:
+            raise ValueError(f"the summary has no {b}-bit configurations")
+        methods = list(dict.fromkeys(s.dtype))
+        for i, m in enumerate(methods):
+            rows = s[s.dtype == m].sort_values(["calibration", "clip"])
+            for j, r in enumerate(rows.itertuples()):
+                x = i + (j - (len(rows) - 1) / 2) * 0.18
+                marker = "o" if r.calibration == "none" else "s"
+                ax.errorbar([x], [r.kl], yerr=[[r.kl - r.kl_lo], [r.kl_hi - r.kl]], fmt=marker, capsize=3,
+                            color=figures.color(m), mfc=figures.color(m) if r.clip else "white")
+                if r.calibration != "none":
+                    ax.annotate(r.calibration, (x, r.kl_hi), fontsize=7, ha="center", va="bottom")
+        ax.set_xticks(range(len(methods)), methods, rotation=30)
+        ax.set_yscale("log")
+        figures.label(ax, "method", "KL(float || quantized) per token (nats, log)",
+                      f"{b}-bit weights (open: round to nearest, filled: clipped, square: calibrated)")
+    fig.tight_layout()
+    return fig
+
+
+def paired_ratios(orderings: pd.DataFrame, comparisons=PAPER_COMPARISONS, calibration: str = "none") -> plt.Figure:
+    """The paper's orderings as perplexity ratios a / b with their PAIRED 95% bootstrap intervals (both
+    configurations scored on the same windows), one panel per bit width, without and with the clipping
+    search. A ratio whose interval lies above 1 says a is worse than b."""
+    d = orderings[(orderings.calibration == calibration) & orderings.comparison.isin(comparisons)]
+    if d.empty:
+        raise ValueError(f"no orderings among {comparisons} with calibration {calibration!r}")
+    bits = sorted(d.bits.unique())
+    fig, axes = plt.subplots(1, len(bits), figsize=(7 * len(bits), 4), squeeze=False)
+    for ax, b in zip(axes[0], bits):
+        s = d[d.bits == b]
+        names = [c for c in comparisons if c in set(s.comparison)]
+        for clip, dy, color in ((False, -0.15, "0.35"), (True, 0.15, "tab:red")):
+            r = s[s["clip"] == clip].set_index("comparison").reindex(names).dropna(subset=["ppl_ratio"])
+            y = [names.index(c) + dy for c in r.index]
+            ax.errorbar(r.ppl_ratio, y, xerr=[r.ppl_ratio - r.ppl_ratio_lo, r.ppl_ratio_hi - r.ppl_ratio],
+                        fmt="o", capsize=3, color=color, label="clipping search" if clip else "round to nearest")
+        ax.axvline(1.0, color="0.5", ls="--", lw=1)
+        ax.set_yticks(range(len(names)), [c.replace(" vs ", " / ") for c in names])
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        figures.label(ax, "perplexity ratio a / b (paired 95% interval, log)", "comparison a / b",
+                      f"{b}-bit weights")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

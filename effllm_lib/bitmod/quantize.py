@@ -347,6 +347,36 @@ def _candidates(dtype: str, bits: int, tensor_amax: float) -> tuple[list[Callabl
     return [lambda x, r, w: _absmax(x, values.to(x.device, x.dtype), r)], None
 
 
+def _absmax_value_sets(dtype: str, bits: int) -> list[torch.Tensor] | None:
+    """The value sets of a method whose candidates are all ``_absmax`` quantizers (None for the others)."""
+    if dtype in _SELECTION:
+        return [g.tensor() for g in _SELECTION[dtype](bits)]
+    if dtype == "nf4":
+        return [NF4.tensor()]
+    if dtype in ("int_asym", "olive", "mxfp", "nvfp", "iq4_nl"):
+        return None
+    name = {"int": f"int{bits}", "fp": f"fp{bits}", "flint": "flint4"}.get(dtype, dtype.replace("fp", f"fp{bits}"))
+    return [dt.grid(name).tensor()]
+
+
+def _fast_search(dtype: str, bits: int, device: torch.device, work_dtype: torch.dtype) -> Callable | None:
+    """The C search (``group_search``) for this method, when it has one and it can run here; else None."""
+    from . import group_search
+
+    if device.type != "cpu" or work_dtype != torch.float32 or not group_search.available():
+        return None
+    if dtype == "int_asym":
+        return lambda x, ratios, w: (group_search.int_asym_search(x, bits, ratios, w), None)
+    sets = _absmax_value_sets(dtype, bits)
+    if sets is None:
+        return None
+
+    def search(x, ratios, w):
+        q, ids = group_search.absmax_search(x, sets, ratios, w)
+        return q, (ids if len(sets) > 1 else None)
+    return search
+
+
 # ---------------------------------------------------------------------------------------------- one tensor
 @dataclass
 class TensorQuant:
@@ -360,7 +390,7 @@ class TensorQuant:
 @torch.no_grad()
 def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group_size: int = 128,
                     chunk_elements: int = 1 << 22, *, clip: bool = False,
-                    col_weight: torch.Tensor | None = None) -> TensorQuant:
+                    col_weight: torch.Tensor | None = None, search: str = "auto") -> TensorQuant:
     """Fake-quantize a 2-D weight ``[rows, in_features]`` in groups along the last dimension.
 
     Returns the dequantized weight (same shape and dtype as ``w``), the chosen type index per group
@@ -368,6 +398,8 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
     ``clip``: per group, also try the scale shrunk by each of ``CLIP_RATIOS`` and keep the lowest error.
     ``col_weight`` ([in_features], >= 0): weight each input channel's squared error by it in the type selection
     and the clipping search (the activation second moments of calibration text: an importance matrix).
+    ``search``: "auto" runs the per-group search in C (``group_search``) for the absmax types and INT-asym on
+    CPU float32 weights, "torch" always in torch (the reference the C search is tested against).
     """
     cfg = BitMoDConfig(bits=bits, group_size=group_size, dtype=dtype, chunk_elements=chunk_elements, clip=clip)
     if not isinstance(w, torch.Tensor) or w.ndim != 2:
@@ -392,6 +424,9 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
         raise ValueError(f"OliVe needs an even last group; in_features {cols} mod group {g} = {tail}")
     candidates, own_ratios = _candidates(dtype, bits, float(w.abs().max()))
     ratios = own_ratios or (CLIP_RATIOS if clip else (1.0,))
+    fast = _fast_search(dtype, bits, w.device, work_dtype) if search == "auto" else None
+    if search not in ("auto", "torch"):
+        raise ValueError(f"search must be 'auto' (C where it applies) or 'torch', got {search!r}")
     out = torch.empty_like(w)
     ids = torch.empty(rows, full + (tail > 0), dtype=torch.int8, device=w.device) if dtype in _SELECTION else None
     step = max(1, chunk_elements // max(cols, 1) // len(ratios))
@@ -400,12 +435,14 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
         pieces, id_pieces = [], []
         if full:
             cw = None if col_weight is None else col_weight[:full * g].view(full, g)
-            q, i = _search(chunk[:, :full * g].unflatten(-1, (full, g)), candidates, ratios, cw)
+            x3 = chunk[:, :full * g].unflatten(-1, (full, g))
+            q, i = fast(x3, ratios, cw) if fast else _search(x3, candidates, ratios, cw)
             pieces.append(q.flatten(-2))
             id_pieces.append(i)
         if tail:
             cw = None if col_weight is None else col_weight[full * g:].view(1, tail)
-            q, i = _search(chunk[:, full * g:].unsqueeze(1), candidates, ratios, cw)
+            x3 = chunk[:, full * g:].unsqueeze(1)
+            q, i = fast(x3, ratios, cw) if fast else _search(x3, candidates, ratios, cw)
             pieces.append(q.flatten(-2))
             id_pieces.append(i)
         out[r0:r0 + step] = torch.cat(pieces, -1).to(w.dtype)
