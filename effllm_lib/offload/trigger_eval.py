@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import re
 import time
 import zlib
@@ -218,6 +219,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    run_cli(argv)
+    return 0
+
+
+def run_cli(argv=None) -> pd.DataFrame:
+    """What ``main`` does (load, calibrate, evaluate, save unless ``--no-save``); returns the summary."""
     args = _parser().parse_args(argv)
     import torch
 
@@ -247,17 +254,18 @@ def main(argv=None) -> int:
     print(summary[["mode", "problems", "pass@1", "ci_lo", "ci_hi", "big_token_pct", "handoffs_per_problem",
                    "wall_s_per_problem"]].round(3).to_string(), flush=True)
     if args.no_save:
-        return 0
+        return summary
     params = {k: v for k, v in vars(args).items() if k not in ("no_save", "log_dir", "suffix")}
     extra = {"problems_run": int(summary.problems.max()), "thresholds": thresholds, "load_s": t_load,
              "calibration_s": t_calib, "eval_s": time.perf_counter() - t1 - t_calib,
              "calibration_windows": {k: len(v) for k, v in calib["scores"].items()},
-             "scorer": "strict (answers.strict_score)"}
+             "scorer": "strict (answers.strict_score)", "problems_requested": args.n,
+             "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     results.save(summary, "splitreason", f"trigger_modes{args.suffix}", params=params, scale=args.scale, extra=extra)
     # the texts are kept, so a later scorer can re-score every completion
     results.save(records, "splitreason", f"trigger_records{args.suffix}", params=params, scale=args.scale,
                  extra=extra)
-    return 0
+    return summary
 
 
 if __name__ == "__main__":
