@@ -215,6 +215,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", default="full", choices=["ci", "full"])
     ap.add_argument("--suffix", default="", help="appended to the results names (e.g. _h200)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="N processes on one device: worker k takes problems k, k+N, ... (calibration runs once)")
+    ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set for the child processes
+    ap.add_argument("--thresholds", default=None, help=argparse.SUPPRESS)      # the parent's calibration (JSON)
     return ap
 
 
@@ -223,22 +227,53 @@ def main(argv=None) -> int:
     return 0
 
 
-def run_cli(argv=None) -> pd.DataFrame:
+def _collect(probs, grid, log_dirs) -> pd.DataFrame:
+    """Records of the problems every mode finished, read from the logs of one or several workers."""
+    from .problems import read_log
+
+    frames = []
+    for spec in grid:
+        rows = [r for d in log_dirs for r in read_log(Path(d) / log_name(spec["label"]))]
+        df = pd.DataFrame(rows)
+        df["method"], df["kind"] = spec["method"], spec.get("kind", spec["method"])
+        df["budget"] = spec.get("budget", math.nan)
+        frames.append(df)
+    done = set.intersection(*(set(df.problem_id) for df in frames)) if all(len(f) for f in frames) else set()
+    order = {p.id: i for i, p in enumerate(probs)}
+    done &= set(order)
+    if not done:
+        raise RuntimeError(f"no problem is complete in every mode in {', '.join(map(str, log_dirs))}")
+    return pd.concat([df[df.problem_id.isin(done)] for df in frames], ignore_index=True)
+
+
+def run_cli(argv=None) -> pd.DataFrame | None:
     """What ``main`` does (load, calibrate, evaluate, save unless ``--no-save``); returns the summary."""
     args = _parser().parse_args(argv)
+    import subprocess
+    import sys
+
     import torch
 
     from .. import results
     from ..paths import cache_dir
 
+    if args.workers < 1 or (args.worker is not None and not 0 <= args.worker < args.workers):
+        raise ValueError(f"--workers must be >= 1 and --worker in [0, workers), got {args.workers}, {args.worker}")
     if args.threads:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    small, big = _load(args.small, args.dtype, args.device), _load(args.big, args.dtype, args.device)
-    t_load = time.perf_counter() - t0
     grid = trigger_grid(args.budgets, args.kinds, args.step_budgets, not args.no_assisted)
     kw = dict(window=args.window, big_span=args.big_span, max_new_tokens=args.max_new_tokens,
               step_window=args.step_window)
+    probs = load_problems(args.source, args.n, seed=args.seed)
+    t0 = time.perf_counter()
+    if args.worker is not None:  # a child: its share of the problems, into its own logs
+        thresholds = json.loads(Path(args.thresholds).read_text())
+        small, big = _load(args.small, args.dtype, args.device), _load(args.big, args.dtype, args.device)
+        run_eval(probs[args.worker::args.workers], small, big, Path(args.log_dir) / f"w{args.worker}", grid,
+                 thresholds, time_budget_s=args.time_budget_s, **kw)
+        return None
+    small, big = _load(args.small, args.dtype, args.device), _load(args.big, args.dtype, args.device)
+    t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
     calib = calibrate(small, big, load_problems(args.source, args.n_calib, seed=args.calib_seed), grid, **kw)
     t_calib = time.perf_counter() - t1
@@ -247,17 +282,38 @@ def run_cli(argv=None) -> pd.DataFrame:
     tag = f"{args.source}-{args.seed}-{args.max_new_tokens}-{args.window}-{args.big_span}-{args.dtype}-" \
           f"{Path(args.small).stem}-{Path(args.big).stem}-{zlib.crc32(json.dumps(thresholds).encode()):08x}"
     log_dir = Path(args.log_dir) if args.log_dir else cache_dir() / "splitreason" / f"triggers-{tag}"
-    probs = load_problems(args.source, args.n, seed=args.seed)
-    records = run_eval(probs, small, big, log_dir, grid, thresholds, time_budget_s=args.time_budget_s,
-                       progress=True, **kw)
+    if args.workers == 1:
+        records = run_eval(probs, small, big, log_dir, grid, thresholds, time_budget_s=args.time_budget_s,
+                           progress=True, **kw)
+    else:
+        del small, big  # the workers load their own copies
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        log_dir.mkdir(parents=True, exist_ok=True)
+        (log_dir / "thresholds.json").write_text(json.dumps(thresholds))
+        # the workers' own time budget counts from their start: take off what loading and calibration used
+        budget = None if args.time_budget_s is None else max(0.0, args.time_budget_s - (time.perf_counter() - t0))
+        base = [a for a in (argv if argv is not None else sys.argv[1:])]
+        procs = []
+        for k in range(args.workers):
+            cmd = [sys.executable, "-m", "effllm_lib.offload.trigger_eval", *base, "--worker", str(k),
+                   "--thresholds", str(log_dir / "thresholds.json"), "--log-dir", str(log_dir)]
+            if budget is not None:
+                cmd += ["--time-budget-s", str(budget)]
+            procs.append(subprocess.Popen(cmd))
+        rcs = [p.wait() for p in procs]
+        if any(rcs):
+            print(f"warning: worker exit codes {rcs}; summarizing what the logs hold", flush=True)
+        records = _collect(probs, grid, [log_dir / f"w{k}" for k in range(args.workers)])
     summary = summarize(records)
     print(summary[["mode", "problems", "pass@1", "ci_lo", "ci_hi", "big_token_pct", "handoffs_per_problem",
                    "wall_s_per_problem"]].round(3).to_string(), flush=True)
     if args.no_save:
         return summary
-    params = {k: v for k, v in vars(args).items() if k not in ("no_save", "log_dir", "suffix")}
+    params = {k: v for k, v in vars(args).items()
+              if k not in ("no_save", "log_dir", "suffix", "worker", "thresholds", "workers")}
     extra = {"problems_run": int(summary.problems.max()), "thresholds": thresholds, "load_s": t_load,
-             "calibration_s": t_calib, "eval_s": time.perf_counter() - t1 - t_calib,
+             "calibration_s": t_calib, "eval_s": time.perf_counter() - t1 - t_calib, "workers": args.workers,
              "calibration_windows": {k: len(v) for k, v in calib["scores"].items()},
              "scorer": "strict (answers.strict_score)", "problems_requested": args.n,
              "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
