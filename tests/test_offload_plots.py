@@ -62,5 +62,11 @@ def test_accuracy_vs_offload_plots_every_mode_with_its_interval():
     np.testing.assert_allclose(np.asarray(ent.get_xdata(), dtype=float), [14.0, 28.0])  # sorted by offload
     np.testing.assert_allclose(np.asarray(ent.get_ydata(), dtype=float), [20.0, 30.0])
     assert len(ax.get_legend().get_texts()) == 3
+    with_assisted = pd.concat([summary, pd.DataFrame([{"mode": "assisted", "kind": "assisted", "pass@1": 0.5,
+                                                       "ci_lo": 0.3, "ci_hi": 0.7, "big_token_pct": 100.0,
+                                                       "drafted_pct": 40.0}])], ignore_index=True)
+    ax = plots.accuracy_vs_offload(with_assisted).axes[0]
+    a = [c for c in ax.containers if c.get_label().startswith("assisted")][0].lines[0]
+    np.testing.assert_allclose(np.asarray(a.get_xdata(), dtype=float), [60.0])
     with pytest.raises(ValueError, match="columns"):
         plots.accuracy_vs_offload(summary.drop(columns="ci_lo"))
