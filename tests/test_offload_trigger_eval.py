@@ -64,9 +64,14 @@ def test_summarize_by_hand():
 @pytest.mark.slow
 def test_cli_with_two_workers_covers_every_problem_once(tmp_path):
     """Two worker processes split the problems (k, k + 2, ...); the summary has every problem in every mode."""
+    from effllm_lib.offload.parallel import export_problems
+    from effllm_lib.offload.problems import load_problems
     from effllm_lib.offload.trigger_eval import run_cli
 
-    argv = ["--small", "tiny:llama:1", "--big", "tiny:qwen2:2", "--n", "3", "--n-calib", "1", "--max-new-tokens", "6",
+    # the device reads exported problems (no assets there): the same problems, in the same order
+    exported = export_problems("multistep_arithmetic", 5, 1, tmp_path / "problems.jsonl")
+    argv = ["--small", "tiny:llama:1", "--big", "tiny:qwen2:2", "--n", "3", "--n-calib", "1",
+            "--problems", str(exported), "--max-new-tokens", "6",
             "--window", "3", "--big-span", "3", "--step-window", "4", "--budgets", "0.3", "--no-assisted",
             "--workers", "2", "--log-dir", str(tmp_path), "--no-save", "--threads", "1"]
     summary = run_cli(argv)
@@ -76,3 +81,4 @@ def test_cli_with_two_workers_covers_every_problem_once(tmp_path):
     ids0 = {r["problem_id"] for r in read_log(tmp_path / "w0" / "small_only.jsonl")}
     ids1 = {r["problem_id"] for r in read_log(tmp_path / "w1" / "small_only.jsonl")}
     assert len(ids0) == 2 and len(ids1) == 1 and not ids0 & ids1
+    assert ids0 | ids1 == {p.id for p in load_problems("multistep_arithmetic", 5, seed=1)[:3]}

@@ -199,6 +199,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--calib-seed", type=int, default=101, help="calibration problems (disjoint draw)")
     ap.add_argument("--n", type=int, default=200, help="evaluation problems requested")
     ap.add_argument("--n-calib", type=int, default=3)
+    ap.add_argument("--problems", default=None, help="exported problems (JSON lines from `python -m "
+                    "effllm_lib.offload.parallel export-problems`) instead of --source/--seed/--n: the device has "
+                    "no problem assets")
+    ap.add_argument("--calib-problems", default=None, help="exported calibration problems (likewise)")
     ap.add_argument("--budgets", type=float, nargs="+", default=[0.15, 0.3])
     ap.add_argument("--kinds", nargs="+", default=list(TRIGGER_KINDS), choices=["entropy", "margin", "gap"])
     ap.add_argument("--step-budgets", type=float, nargs="*", default=[0.3])
@@ -225,6 +229,15 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     run_cli(argv)
     return 0
+
+
+def _problems(path, source, n, seed) -> list[Problem]:
+    """``load_problems(source, n, seed)``, or the first ``n`` of an exported file (same strict scorer)."""
+    if path is None:
+        return load_problems(source, n, seed=seed)
+    from .parallel import provisional_problems, read_problems
+
+    return provisional_problems(read_problems(path))[:n]
 
 
 def _collect(probs, grid, log_dirs) -> pd.DataFrame:
@@ -264,7 +277,7 @@ def run_cli(argv=None) -> pd.DataFrame | None:
     grid = trigger_grid(args.budgets, args.kinds, args.step_budgets, not args.no_assisted)
     kw = dict(window=args.window, big_span=args.big_span, max_new_tokens=args.max_new_tokens,
               step_window=args.step_window)
-    probs = load_problems(args.source, args.n, seed=args.seed)
+    probs = _problems(args.problems, args.source, args.n, args.seed)
     t0 = time.perf_counter()
     if args.worker is not None:  # a child: its share of the problems, into its own logs
         thresholds = json.loads(Path(args.thresholds).read_text())
@@ -275,7 +288,8 @@ def run_cli(argv=None) -> pd.DataFrame | None:
     small, big = _load(args.small, args.dtype, args.device), _load(args.big, args.dtype, args.device)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    calib = calibrate(small, big, load_problems(args.source, args.n_calib, seed=args.calib_seed), grid, **kw)
+    calib = calibrate(small, big, _problems(args.calib_problems, args.source, args.n_calib, args.calib_seed), grid,
+                      **kw)
     t_calib = time.perf_counter() - t1
     thresholds = {k: v for k, v in calib.items() if k != "scores"}
     print("thresholds:", json.dumps(thresholds), flush=True)
