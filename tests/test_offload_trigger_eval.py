@@ -82,3 +82,8 @@ def test_cli_with_two_workers_covers_every_problem_once(tmp_path):
     ids1 = {r["problem_id"] for r in read_log(tmp_path / "w1" / "small_only.jsonl")}
     assert len(ids0) == 2 and len(ids1) == 1 and not ids0 & ids1
     assert ids0 | ids1 == {p.id for p in load_problems("multistep_arithmetic", 5, seed=1)[:3]}
+    # a second call on the same logs reuses the saved thresholds and generates nothing new
+    lines = sum(len(read_log(f)) for f in tmp_path.glob("w*/*.jsonl"))
+    again = run_cli(argv)
+    assert sum(len(read_log(f)) for f in tmp_path.glob("w*/*.jsonl")) == lines
+    pd.testing.assert_frame_equal(again.drop(columns="wall_s_per_problem"), summary.drop(columns="wall_s_per_problem"))

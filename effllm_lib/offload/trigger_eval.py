@@ -288,14 +288,23 @@ def run_cli(argv=None) -> pd.DataFrame | None:
     small, big = _load(args.small, args.dtype, args.device), _load(args.big, args.dtype, args.device)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    calib = calibrate(small, big, _problems(args.calib_problems, args.source, args.n_calib, args.calib_seed), grid,
-                      **kw)
+    saved = Path(args.log_dir) / "thresholds.json" if args.log_dir else None
+    if saved is not None and saved.is_file():  # a later call on the same logs: the same thresholds (a resume)
+        thresholds, calib = json.loads(saved.read_text()), {"scores": {}}
+        missing = [g["label"] for g in grid if g["method"] == "trigger" and g["label"] not in thresholds]
+        if missing:
+            raise ValueError(f"{saved} has no threshold for {missing}: another grid wrote these logs")
+    else:
+        calib = calibrate(small, big, _problems(args.calib_problems, args.source, args.n_calib, args.calib_seed),
+                          grid, **kw)
+        thresholds = {k: v for k, v in calib.items() if k != "scores"}
     t_calib = time.perf_counter() - t1
-    thresholds = {k: v for k, v in calib.items() if k != "scores"}
     print("thresholds:", json.dumps(thresholds), flush=True)
     tag = f"{args.source}-{args.seed}-{args.max_new_tokens}-{args.window}-{args.big_span}-{args.dtype}-" \
           f"{Path(args.small).stem}-{Path(args.big).stem}-{zlib.crc32(json.dumps(thresholds).encode()):08x}"
     log_dir = Path(args.log_dir) if args.log_dir else cache_dir() / "splitreason" / f"triggers-{tag}"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "thresholds.json").write_text(json.dumps(thresholds))
     if args.workers == 1:
         records = run_eval(probs, small, big, log_dir, grid, thresholds, time_budget_s=args.time_budget_s,
                            progress=True, **kw)
@@ -303,8 +312,6 @@ def run_cli(argv=None) -> pd.DataFrame | None:
         del small, big  # the workers load their own copies
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "thresholds.json").write_text(json.dumps(thresholds))
         # the workers' own time budget counts from their start: take off what loading and calibration used
         budget = None if args.time_budget_s is None else max(0.0, args.time_budget_s - (time.perf_counter() - t0))
         base = [a for a in (argv if argv is not None else sys.argv[1:])]
