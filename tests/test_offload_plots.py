@@ -45,3 +45,28 @@ def test_reward_shapes_axes():
     # hand-computed: (0.5 n if n <= 8 else 4 - 0.5 (n - 8)) // 2 -> 0 for n = 3, 1 for n = 4, 2 for n = 8
     ys = b.get_lines()[0].get_ydata()
     assert (ys[3], ys[4], ys[8]) == (0, 1, 2)
+
+
+def test_accuracy_vs_offload_plots_every_mode_with_its_interval():
+    import pandas as pd
+
+    summary = pd.DataFrame([
+        {"mode": "small only", "kind": "small", "pass@1": 0.1, "ci_lo": 0.0, "ci_hi": 0.3, "big_token_pct": 0.0},
+        {"mode": "big only", "kind": "big", "pass@1": 0.5, "ci_lo": 0.3, "ci_hi": 0.7, "big_token_pct": 100.0},
+        {"mode": "entropy 30%", "kind": "entropy", "pass@1": 0.3, "ci_lo": 0.1, "ci_hi": 0.5, "big_token_pct": 28.0},
+        {"mode": "entropy 15%", "kind": "entropy", "pass@1": 0.2, "ci_lo": 0.0, "ci_hi": 0.4, "big_token_pct": 14.0}])
+    fig = plots.accuracy_vs_offload(summary, "t")
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "tokens written by the big model (%)" and ax.get_ylabel() == "pass@1 (%)"
+    ent = [c for c in ax.containers if c.get_label() == "entropy trigger"][0].lines[0]
+    np.testing.assert_allclose(np.asarray(ent.get_xdata(), dtype=float), [14.0, 28.0])  # sorted by offload
+    np.testing.assert_allclose(np.asarray(ent.get_ydata(), dtype=float), [20.0, 30.0])
+    assert len(ax.get_legend().get_texts()) == 3
+    with_assisted = pd.concat([summary, pd.DataFrame([{"mode": "assisted", "kind": "assisted", "pass@1": 0.5,
+                                                       "ci_lo": 0.3, "ci_hi": 0.7, "big_token_pct": 100.0,
+                                                       "drafted_pct": 40.0}])], ignore_index=True)
+    ax = plots.accuracy_vs_offload(with_assisted).axes[0]
+    a = [c for c in ax.containers if c.get_label().startswith("assisted")][0].lines[0]
+    np.testing.assert_allclose(np.asarray(a.get_xdata(), dtype=float), [60.0])
+    with pytest.raises(ValueError, match="columns"):
+        plots.accuracy_vs_offload(summary.drop(columns="ci_lo"))

@@ -44,3 +44,30 @@ def reward_shapes(max_tags: int = 20) -> plt.Figure:
     figures.label(ax2, "number of <bigmodel> tags", "tag-count term", "Tag count (floor division)")
     fig.tight_layout()
     return fig
+
+
+def accuracy_vs_offload(summary: pd.DataFrame, title: str = "") -> plt.Figure:
+    """pass@1 (with its bootstrap interval) against the share of tokens the big model wrote, one series per
+    method: each trigger and random switching as lines over their budgets, the single models, step-level
+    speculation and assisted generation as points (assisted at the share of tokens not drafted by the small
+    model: the big model verified them all). ``summary`` is ``trigger_eval.summarize(...)``."""
+    need = {"mode", "kind", "pass@1", "ci_lo", "ci_hi", "big_token_pct"}
+    if not isinstance(summary, pd.DataFrame) or summary.empty or not need <= set(summary.columns):
+        raise ValueError(f"summary needs columns {sorted(need)} (trigger_eval.summarize)")
+    fig, ax = plt.subplots(figsize=(7, 4))
+    markers = {"small": "s", "big": "D", "assisted": "P", "step": "^", "random": "x"}
+    for kind, grp in summary.groupby("kind", sort=False):
+        grp = grp.sort_values("big_token_pct")
+        x = grp.big_token_pct
+        if kind == "assisted" and "drafted_pct" in grp:  # the big model verified every token; it wrote the rest
+            x = 100 - grp.drafted_pct
+        y = 100 * grp["pass@1"]
+        err = [100 * (grp["pass@1"] - grp.ci_lo), 100 * (grp.ci_hi - grp["pass@1"])]
+        label = {"small": "small only", "big": "big only", "assisted": "assisted (x: tokens not from drafts)",
+                 "step": "step-level speculative", "random": "random switching"}.get(kind, f"{kind} trigger")
+        ax.errorbar(x, y, yerr=err, marker=markers.get(kind, "o"), capsize=3,
+                    ls="-" if len(grp) > 1 else "none", label=label, color=figures.color(label))
+    figures.label(ax, "tokens written by the big model (%)", "pass@1 (%)", title)
+    ax.set_ylim(-3, 103)
+    ax.legend(fontsize=7)
+    return fig
