@@ -1,6 +1,6 @@
 """The fair 2.25x: the optimized serving design vs prior-work batching servers at equal cores and workers.
 
-    python benchmarks/serving_fair.py --scale full --suffix _cpu2          # this 2-core box (~6 min)
+    python benchmarks/serving_fair.py --scale full --suffix _cpu2 --claims   # this 2-core box (~10 min)
     # device machine (H200 host, 16 cores): servers on cores 0-7, load generator on 8-15
     python benchmarks/serving_fair.py --scale full --accelerator cuda --server-cpus 0-7 --client-cpus 8-15 \\
         --workers 2 --random-weights --suffix _h200
@@ -31,6 +31,8 @@ def main(argv=None):
                     help="accept JPEGs libjpeg only warns about (default: strict, see preprocess)")
     ap.add_argument("--log", default=None, help="server log file")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--claims", action="store_true",
+                    help="also write claims_fair (the scorecard's optimized_gain_vs_prior_work row; one machine only)")
     args = ap.parse_args(argv)
     server = {}
     if args.accelerator:
@@ -39,12 +41,13 @@ def main(argv=None):
         server["pretrained"] = False
     if args.lenient_jpeg:
         server["strict_jpeg"] = False
-    out = fair.run(args.scale, save=not args.no_save, server=server or None, tag=args.suffix,
+    out = fair.run(args.scale, save=not args.no_save, claims=args.claims, server=server or None, tag=args.suffix,
                    server_cpus=args.server_cpus, client_cpus=args.client_cpus, workers=args.workers,
                    designs=tuple(args.designs.split(",")) if args.designs else None, log_path=args.log)
     cols = ["design", "throughput_rps", "p50_ms", "p99_ms", "mean_batch", "ratio_of_medians", "ratio_median",
             "ratio_min", "ratio_max", "of_ceiling"]
     print(out["summary"][cols].round(3).to_string())
+    print(out["claims"].to_string())
     return out
 
 

@@ -82,3 +82,14 @@ def test_ci_run_pinned(tmp_path):
     assert (out["runs"].errors == 0).all() and (out["runs"].ok > 0).all()
     assert s.loc["prior work: batching, Pillow", "ratio_median"] == 1
     assert s.loc["optimized: combined", "mean_batch"] >= 1
+
+
+def test_claims_name_the_fastest_optimized_design():
+    summary = pd.DataFrame({"design": ["b", "o1", "o2"], "role": ["baseline", "optimized", "optimized"],
+                            "throughput_rps": [10.0, 25.0, 30.0], "ratio_of_medians": [1.0, 2.5, 3.0],
+                            "ratio_min": [1, 2, 2.8], "ratio_max": [1, 3, 3.3], "passes": [5, 5, 5],
+                            "best_baseline": ["b"] * 3})
+    c = fair.claims_from(summary, "here")
+    assert c.claim_id.tolist() == [fair.CLAIM] and c.ours.tolist() == [3.0]
+    assert "o2 vs b" in c.reason[0] and "2.80 to 3.30" in c.reason[0]
+    assert fair.claims_from(summary[summary.role == "baseline"], "here").empty
