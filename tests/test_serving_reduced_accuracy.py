@@ -83,3 +83,11 @@ def test_ci_run_on_the_packaged_models():
     assert len(out["cifar"]) == 300 and s.n.tolist()[0] == 300
     # the packaged CIFAR CNN scores ~80% on clean test images: far above chance whatever the decoding
     assert s.top1_original.iloc[0] > 60 and s.top1_full.iloc[0] > 40 and s.top1_reduced.iloc[0] > 40
+
+
+def test_strict_check_changes_no_pixel_of_a_valid_jpeg():
+    img = (np.random.default_rng(1).random((32, 32, 3)) * 255).astype(np.uint8)
+    data = R.upscaled_jpeg(img, 4)
+    for reduced in (False, True):
+        assert np.array_equal(R.server_pixels(data, (32, 32), reduced=reduced, strict=True),
+                              R.server_pixels(data, (32, 32), reduced=reduced, strict=False))
