@@ -91,3 +91,12 @@ def test_strict_check_changes_no_pixel_of_a_valid_jpeg():
     for reduced in (False, True):
         assert np.array_equal(R.server_pixels(data, (32, 32), reduced=reduced, strict=True),
                               R.server_pixels(data, (32, 32), reduced=reduced, strict=False))
+
+
+def test_per_class_subset_is_balanced_and_in_order():
+    labels = np.array([0, 1, 0, 2, 1, 0, 2, 2, 1])
+    assert R.per_class_subset(labels, 6).tolist() == [0, 1, 2, 3, 4, 6]
+    with pytest.raises(ValueError, match="multiple"):
+        R.per_class_subset(labels, 4)
+    with pytest.raises(ValueError, match="fewer"):
+        R.per_class_subset(labels, 12)
