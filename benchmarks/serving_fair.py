@@ -24,7 +24,7 @@ def main(argv=None):
     ap.add_argument("--server-cpus", default=None, help="CPU list every server is confined to, e.g. 0-7")
     ap.add_argument("--client-cpus", default=None, help="CPU list of the load generator, e.g. 8-15")
     ap.add_argument("--workers", type=int, default=None, help="inference workers of every batching design")
-    ap.add_argument("--designs", default=None, help="comma-separated subset of the designs")
+    ap.add_argument("--designs", default=None, help="';'-separated subset of the designs (names hold commas)")
     ap.add_argument("--random-weights", action="store_true",
                     help="never look for checkpoints (timing does not depend on weights; for offline machines)")
     ap.add_argument("--lenient-jpeg", action="store_true",
@@ -43,7 +43,7 @@ def main(argv=None):
         server["strict_jpeg"] = False
     out = fair.run(args.scale, save=not args.no_save, claims=args.claims, server=server or None, tag=args.suffix,
                    server_cpus=args.server_cpus, client_cpus=args.client_cpus, workers=args.workers,
-                   designs=tuple(args.designs.split(",")) if args.designs else None, log_path=args.log)
+                   designs=tuple(d.strip() for d in args.designs.split(";") if d.strip()) if args.designs else None, log_path=args.log)
     cols = ["design", "throughput_rps", "p50_ms", "p99_ms", "mean_batch", "ratio_of_medians", "ratio_median",
             "ratio_min", "ratio_max", "of_ceiling"]
     print(out["summary"][cols].round(3).to_string())

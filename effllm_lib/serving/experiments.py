@@ -522,8 +522,8 @@ def suite_main(run, scales: dict, argv=None, description: str | None = None) -> 
     ap.add_argument("--random-weights", action="store_true",
                     help="never look for checkpoints (timing does not depend on weights; for offline machines)")
     ap.add_argument("--configs", default=None,
-                    help="comma-separated subset of the designs, the first the reference (optimizations only), "
-                         "to split a long run into calls")
+                    help="';'-separated subset of the designs (names hold commas), the first the reference "
+                         "(optimizations only), to split a long run into calls")
     args = ap.parse_args(argv)
     server = {"accelerator": args.accelerator} if args.accelerator else {}
     if args.lenient_jpeg:
@@ -531,7 +531,7 @@ def suite_main(run, scales: dict, argv=None, description: str | None = None) -> 
     if args.random_weights:
         server["pretrained"] = False
     server = server or None
-    kw = {"configs": tuple(c.strip() for c in args.configs.split(","))} if args.configs else {}
+    kw = {"configs": tuple(c.strip() for c in args.configs.split(";") if c.strip())} if args.configs else {}
     out = run(args.scale, save=not args.no_save, server=server, tag=args.tag, **kw)
     print(out["summary"].round(2).to_string())
     if "claims" in out:
