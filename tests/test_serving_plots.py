@@ -135,3 +135,13 @@ def test_reduced_decode_accuracy_panels():
     assert sorted(p.get_height() for p in a.patches) == sorted([80, 80, 78, 70, 78.5, 75])
     assert list(b.lines[0].get_ydata()) == [0.5, 5]
     assert "agreement 96%" in b.texts[0].get_text()
+
+
+def test_committed_fair_and_accuracy_figures_draw():
+    summary = results.load("serving", "fair_cpu2")
+    fig = plots.fair_comparison(summary, results.load("serving", "fair_runs_cpu2"), "here")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(summary.design)
+    acc = results.load("serving", "reduced_decode_accuracy")
+    fig = plots.reduced_decode_accuracy(acc)
+    assert list(fig.axes[1].lines[0].get_ydata()) == list(acc.change_pp.dropna())
+    assert "lower bound" in fig.axes[1].texts[0].get_text()

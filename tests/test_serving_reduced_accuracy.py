@@ -100,3 +100,13 @@ def test_per_class_subset_is_balanced_and_in_order():
         R.per_class_subset(labels, 4)
     with pytest.raises(ValueError, match="fewer"):
         R.per_class_subset(labels, 12)
+
+
+def test_exact_lower_bound_matches_closed_forms():
+    # all n agree: P(X = n | p) = p**n = 0.025  ->  p = 0.025 ** (1 / n)
+    assert R.exact_lower_bound(24, 24) == pytest.approx(0.025 ** (1 / 24), abs=1e-9)
+    # k = 1 of n: P(X >= 1 | p) = 1 - (1 - p)**n = 0.025
+    assert R.exact_lower_bound(1, 10) == pytest.approx(1 - 0.975 ** 0.1, abs=1e-9)
+    assert R.exact_lower_bound(0, 10) == 0.0
+    with pytest.raises(ValueError):
+        R.exact_lower_bound(11, 10)

@@ -161,6 +161,28 @@ def summarize(cifar: pd.DataFrame, photos: pd.DataFrame, n_boot: int = 2000) -> 
     return pd.DataFrame(rows)
 
 
+def exact_lower_bound(k: int, n: int, level: float = 0.95) -> float:
+    """Clopper-Pearson lower bound of a proportion from ``k`` successes in ``n`` (two-sided ``level``): where
+    every photo agrees, a bootstrap interval collapses to a point, but the data still allow a lower rate.
+    Solved by bisection on the binomial tail, P(X >= k | p) = (1 - level) / 2 (no scipy in the environment)."""
+    from math import comb
+
+    if not (isinstance(k, (int, np.integer)) and isinstance(n, (int, np.integer)) and 0 <= k <= n and n > 0):
+        raise ValueError(f"need integers 0 <= k <= n, n > 0; got k={k!r}, n={n!r}")
+    if k == 0:
+        return 0.0
+    tail = (1 - level) / 2
+
+    def upper_tail(p):
+        return sum(comb(n, i) * p ** i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+    lo, hi = 0.0, 1.0
+    for _ in range(60):  # upper_tail rises with p
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if upper_tail(mid) < tail else (lo, mid)
+    return (lo + hi) / 2
+
+
 def distinct_photos(n: int | None = None) -> list[tuple[str, bytes]]:
     """The distinct photographs of the wallpapers asset (one per file), largest first."""
     from .. import assets
