@@ -163,13 +163,13 @@ def reduced_decode_accuracy(summary: pd.DataFrame) -> plt.Figure:
     """Top-1 accuracy with full and with reduced (DCT-domain) decoding per upscale factor, the change with its
     paired 95% bootstrap interval, and the photos' top-1 agreement."""
     cifar = summary[summary.factor.notna()].sort_values("factor")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.4))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
     x = range(len(cifar))
     width = 0.27
-    for k, (col, lab) in enumerate((("top1_original", "original 32x32, no JPEG"), ("top1_full", "full decode + resize"),
-                                    ("top1_reduced", "reduced decode + resize"))):
+    for k, (col, lab) in enumerate((("top1_original", "original, no JPEG"), ("top1_full", "full decode"),
+                                    ("top1_reduced", "reduced decode"))):
         axes[0].bar([i + (k - 1) * width for i in x], cifar[col], width, label=lab)
-    axes[0].set_xticks(list(x), [f"{int(f)}x (1/{int(f)} scale)" for f in cifar.factor])
+    axes[0].set_xticks(list(x), [f"{int(f)}x\n(1/{int(f)} scale)" for f in cifar.factor])
     axes[0].set_ylim(0, 112)  # room above the bars for the legend
     axes[0].set_yticks(range(0, 101, 20))
     axes[0].legend(fontsize="x-small", loc="upper center", ncol=3)
@@ -186,7 +186,7 @@ def reduced_decode_accuracy(summary: pd.DataFrame) -> plt.Figure:
 
         r = photos.iloc[0]
         lo = 100 * exact_lower_bound(round(r.agreement / 100 * r.n), int(r.n))
-        axes[1].text(0.02, 0.1, f"photos, MobileNetV2 (n = {int(r.n)}): top-1 agreement {r.agreement:.0f}% "
-                     f"(exact 95% lower bound {lo:.0f}%)", transform=axes[1].transAxes, fontsize="small")
+        axes[1].text(0.03, 0.08, f"photos, MobileNetV2 (n = {int(r.n)}):\ntop-1 agreement {r.agreement:.0f}%, "
+                     f"exact 95% lower bound {lo:.0f}%", transform=axes[1].transAxes, fontsize="x-small")
     fig.tight_layout()
     return fig
