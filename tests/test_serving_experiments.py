@@ -19,6 +19,14 @@ def test_suite_main_passes_the_options_and_checks_them(capsys):
     assert calls == [("full", True, {"accelerator": "cuda"}, "_h100"), ("ci", False, None, ""),
                      ("ci", True, {"strict_jpeg": False}, "")]
     assert "naive" in capsys.readouterr().out
+
+    def fake_configs(scale, *, save, server, tag, configs):
+        calls.append((server, configs))
+        return {"summary": pd.DataFrame({"design": ["naive"], "speedup": [1.0]})}
+
+    experiments.suite_main(fake_configs, {"ci": {}}, ["--random-weights", "--configs",
+                                                        "naive; uint8 transfer, normalize after copy"])
+    assert calls[-1] == ({"pretrained": False}, ("naive", "uint8 transfer, normalize after copy"))
     for bad in (["--scale", "huge"], ["--accelerator", "tpu"]):
         with pytest.raises(SystemExit):
             experiments.suite_main(fake, {"ci": {}}, bad)

@@ -89,3 +89,59 @@ def test_routing_latency_series():
     assert labels(a) == ("throughput (requests/s); dots: passes", "design")
     assert b.get_xlabel() == "latency (ms)"
     assert [t.get_text() for t in b.get_legend().get_texts()] == list(plots.ROUTING_LATENCIES.values())
+
+
+def _fair_frames():
+    import pandas as pd
+
+    from effllm_lib.serving import fair
+
+    rows = []
+    tp = {"prior work: batching, Pillow": ([10, 12, 11], "baseline"), "optimized: combined": ([30, 33, 27], "optimized"),
+          "ceiling: pre-decoded pixels": ([60, 61, 59], "reference")}
+    for d, (vals, role) in tp.items():
+        for r, v in enumerate(vals):
+            rows.append({"design": d, "role": role, "pass": r, "throughput_rps": v, "p50_ms": 1, "p99_ms": 2,
+                         "mean_batch": 4, "requests_per_cpu_s": 1, "errors": 0})
+    runs = pd.DataFrame(rows)
+    return fair.ratios(runs), runs
+
+
+def test_fair_comparison_bars_are_the_medians_and_ratios_per_pass():
+    summary, runs = _fair_frames()
+    fig = plots.fair_comparison(summary, runs, "here")
+    a, b = fig.axes
+    assert labels(a) == ("throughput (requests/s); dots: passes", "design")
+    assert [t.get_text() for t in a.get_yticklabels()] == list(summary.design)
+    assert sorted(p.get_width() for p in a.patches[:3]) == [11, 30, 60]
+    assert b.get_xlabel() == "throughput / prior work: batching, Pillow (x)"
+    # the ratio points: medians of per-pass ratios against the baseline (30/11, 33/12, 27/10 -> 2.75)
+    xs = b.lines[0].get_xdata()
+    assert xs[1] == pytest.approx(sorted([30 / 10, 33 / 12, 27 / 11])[1])
+
+
+def test_reduced_decode_accuracy_panels():
+    import numpy as np
+    import pandas as pd
+
+    summary = pd.DataFrame({"set": ["c", "c", "p"], "factor": [2, 8, np.nan], "n": [100, 100, 24],
+                            "top1_original": [80, 80, np.nan], "top1_full": [78, 70, np.nan],
+                            "top1_reduced": [78.5, 75, np.nan], "change_pp": [0.5, 5, np.nan],
+                            "change_lo_pp": [-0.5, 3, np.nan], "change_hi_pp": [1.5, 7, np.nan],
+                            "agreement": [99, 90, 96], "agreement_lo": [98, 88, 88], "agreement_hi": [100, 92, 100]})
+    fig = plots.reduced_decode_accuracy(summary)
+    a, b = fig.axes
+    assert a.get_ylabel() == "top-1 accuracy (%)" and b.get_ylabel() == "reduced - full, top-1 (pp, 95% CI)"
+    assert sorted(p.get_height() for p in a.patches) == sorted([80, 80, 78, 70, 78.5, 75])
+    assert list(b.lines[0].get_ydata()) == [0.5, 5]
+    assert "agreement 96%" in b.texts[0].get_text()
+
+
+def test_committed_fair_and_accuracy_figures_draw():
+    summary = results.load("serving", "fair_cpu2")
+    fig = plots.fair_comparison(summary, results.load("serving", "fair_runs_cpu2"), "here")
+    assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == list(summary.design)
+    acc = results.load("serving", "reduced_decode_accuracy")
+    fig = plots.reduced_decode_accuracy(acc)
+    assert list(fig.axes[1].lines[0].get_ydata()) == list(acc.change_pp.dropna())
+    assert "lower bound" in fig.axes[1].texts[0].get_text()

@@ -519,12 +519,20 @@ def suite_main(run, scales: dict, argv=None, description: str | None = None) -> 
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--lenient-jpeg", action="store_true",
                     help="accept JPEGs libjpeg only warns about (the paper's servers; default: strict, see preprocess)")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="never look for checkpoints (timing does not depend on weights; for offline machines)")
+    ap.add_argument("--configs", default=None,
+                    help="';'-separated subset of the designs (names hold commas), the first the reference "
+                         "(optimizations only), to split a long run into calls")
     args = ap.parse_args(argv)
     server = {"accelerator": args.accelerator} if args.accelerator else {}
     if args.lenient_jpeg:
         server["strict_jpeg"] = False
+    if args.random_weights:
+        server["pretrained"] = False
     server = server or None
-    out = run(args.scale, save=not args.no_save, server=server, tag=args.tag)
+    kw = {"configs": tuple(c.strip() for c in args.configs.split(";") if c.strip())} if args.configs else {}
+    out = run(args.scale, save=not args.no_save, server=server, tag=args.tag, **kw)
     print(out["summary"].round(2).to_string())
     if "claims" in out:
         print(out["claims"].to_string())

@@ -127,3 +127,66 @@ def routing(rt: pd.DataFrame, rt_runs: pd.DataFrame) -> plt.Figure:
     axes[1].legend(fontsize="x-small", bbox_to_anchor=(1.01, 1), loc="upper left")
     fig.tight_layout()
     return fig
+
+
+ROLE_COLORS = {"baseline": "#9e9e9e", "optimized": "#2a9d8f", "reference": "#e9c46a"}
+
+
+def fair_comparison(summary: pd.DataFrame, runs: pd.DataFrame, where: str) -> plt.Figure:
+    """The fair comparison: throughput per design (bars: medians, coloured by role; dots: passes), and each
+    design's throughput over the best baseline (dot: median of per-pass ratios; bar: min to max)."""
+    order = list(summary.design)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 0.5 * len(order) + 1.4), gridspec_kw={"width_ratios": [3, 2]})
+    colors = [ROLE_COLORS[r] for r in summary.role]
+    axes[0].barh(range(len(order)), summary.throughput_rps, color=colors)
+    for i, d in enumerate(order):
+        tp = runs.loc[runs.design == d, "throughput_rps"]
+        axes[0].plot(tp, [i] * len(tp), "k.", ms=5)
+    axes[0].set_yticks(range(len(order)), order)
+    axes[0].invert_yaxis()
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in ROLE_COLORS.values()]
+    axes[0].legend(handles, list(ROLE_COLORS), fontsize="small", loc="upper right")  # the baselines' bars are short
+    figures.label(axes[0], "throughput (requests/s); dots: passes", "design", where)
+    y = list(range(len(order)))
+    err = [summary.ratio_median - summary.ratio_min, summary.ratio_max - summary.ratio_median]
+    axes[1].errorbar(summary.ratio_median, y, xerr=err, fmt="o", color="black", capsize=3)
+    axes[1].axvline(1.0, color="grey", ls="--", lw=1)
+    axes[1].set_yticks(y, [""] * len(y))
+    axes[1].set_ylim(axes[0].get_ylim())
+    figures.label(axes[1], f"throughput / {summary.best_baseline.iloc[0]} (x)", "",
+                  "ratio per pass: median, min to max")
+    fig.tight_layout()
+    return fig
+
+
+def reduced_decode_accuracy(summary: pd.DataFrame) -> plt.Figure:
+    """Top-1 accuracy with full and with reduced (DCT-domain) decoding per upscale factor, the change with its
+    paired 95% bootstrap interval, and the photos' top-1 agreement."""
+    cifar = summary[summary.factor.notna()].sort_values("factor")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.8))
+    x = range(len(cifar))
+    width = 0.27
+    for k, (col, lab) in enumerate((("top1_original", "original, no JPEG"), ("top1_full", "full decode"),
+                                    ("top1_reduced", "reduced decode"))):
+        axes[0].bar([i + (k - 1) * width for i in x], cifar[col], width, label=lab)
+    axes[0].set_xticks(list(x), [f"{int(f)}x\n(1/{int(f)} scale)" for f in cifar.factor])
+    axes[0].set_ylim(0, 112)  # room above the bars for the legend
+    axes[0].set_yticks(range(0, 101, 20))
+    axes[0].legend(fontsize="x-small", loc="upper center", ncol=3)
+    figures.label(axes[0], "upscale factor of the JPEG (DCT scale of the reduced decode)", "top-1 accuracy (%)",
+                  f"CIFAR-10 test set (n = {int(cifar.n.iloc[0])}), Keras CNN")
+    err = [cifar.change_pp - cifar.change_lo_pp, cifar.change_hi_pp - cifar.change_pp]
+    axes[1].errorbar(list(x), cifar.change_pp, yerr=err, fmt="o", color="black", capsize=4)
+    axes[1].axhline(0, color="grey", ls="--", lw=1)
+    axes[1].set_xticks(list(x), [f"{int(f)}x" for f in cifar.factor])
+    figures.label(axes[1], "upscale factor", "reduced - full, top-1 (pp, 95% CI)", "accuracy change")
+    photos = summary[summary.factor.isna()]
+    if len(photos):
+        from .reduced_accuracy import exact_lower_bound
+
+        r = photos.iloc[0]
+        lo = 100 * exact_lower_bound(round(r.agreement / 100 * r.n), int(r.n))
+        axes[1].text(0.03, 0.08, f"photos, MobileNetV2 (n = {int(r.n)}):\ntop-1 agreement {r.agreement:.0f}%, "
+                     f"exact 95% lower bound {lo:.0f}%", transform=axes[1].transAxes, fontsize="x-small")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,43 @@
+"""Per-stage breakdown under load: a dynamic-batching server at saturation, per decoder and image size.
+
+    python benchmarks/serving_loaded_breakdown.py --scale full --suffix _cpu2
+    # device machine: decoders pil, turbo and nvjpeg (GPU)
+    python benchmarks/serving_loaded_breakdown.py --scale full --accelerator cuda --random-weights --suffix _h200
+
+Writes data/results/serving/breakdown_loaded<suffix>.csv (stage medians and shares, throughput),
+breakdown_loaded_requests<suffix>.csv (every request's spans) and breakdown_loaded_throughput<suffix>.csv.
+"""
+
+import argparse
+
+from effllm_lib.serving import loaded
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--scale", choices=sorted(loaded.SCALES), default="ci")
+    ap.add_argument("--suffix", "--tag", dest="suffix", default="", help="suffix of the results names, e.g. _h200")
+    ap.add_argument("--accelerator", choices=("cpu", "cuda"), default=None)
+    ap.add_argument("--decoders", default=None, help="comma-separated, e.g. pil,turbo,nvjpeg")
+    ap.add_argument("--random-weights", action="store_true", help="never look for checkpoints (offline machines)")
+    ap.add_argument("--lenient-jpeg", action="store_true", help="accept JPEGs libjpeg only warns about")
+    ap.add_argument("--log", default=None, help="server log file")
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args(argv)
+    server = {}
+    if args.accelerator:
+        server["accelerator"] = args.accelerator
+    if args.random_weights:
+        server["pretrained"] = False
+    if args.lenient_jpeg:
+        server["strict_jpeg"] = False
+    out = loaded.run(args.scale, save=not args.no_save, server=server or None, tag=args.suffix,
+                     decoders=tuple(args.decoders.split(",")) if args.decoders else None, log_path=args.log)
+    cols = ["decoder", "size", "throughput_rps", "mean_batch", "total_ms", "queue_ms", "decode_ms", "resize_ms",
+            "inference_ms", "preprocess_share"]
+    print(out["breakdown"][cols].round(2).to_string())
+    return out
+
+
+if __name__ == "__main__":
+    main()
