@@ -90,3 +90,20 @@ def evaluate_model(model, tok, log: str | os.PathLike, *, n: int = 1000, seed: i
     summary = pass_at_1(records)
     summary["big_fraction"] = float(records["big_fraction"].mean())
     return records, summary
+
+
+def paired_change(before: pd.DataFrame, after: pd.DataFrame, seed: int = 0) -> dict:
+    """Accuracy change after - before on the same problems (``*_records`` frames of two evaluations), with a
+    paired bootstrap interval; problems present in only one of them are an error (the change would not be
+    paired)."""
+    from ..stats import paired_difference_ci
+
+    a = before.set_index("problem_id")["correct"].astype(float)
+    b = after.set_index("problem_id")["correct"].astype(float)
+    if set(a.index) != set(b.index) or a.index.has_duplicates:
+        raise ValueError(f"the two evaluations must score the same problems once each: {len(a)} vs {len(b)}, "
+                         f"{len(set(a.index) ^ set(b.index))} not shared")
+    b = b.loc[a.index]
+    diff, lo, hi = paired_difference_ci(b.to_numpy(), a.to_numpy(), seed=seed)
+    return {"before": float(a.mean()), "after": float(b.mean()), "change": diff, "lo": lo, "hi": hi,
+            "problems": len(a)}
