@@ -114,3 +114,58 @@ def pq_error(err: pd.DataFrame, inputs: int) -> plt.Figure:
                   f"PQ error of a 3x3 conv ({inputs} inputs) on real activations")
     ax.legend()
     return fig
+
+
+def accuracy_vs_perf_per_area(points: pd.DataFrame, e2e: pd.DataFrame | None = None) -> plt.Figure:
+    """Accuracy against performance per area (over the DLA), one panel per network: every trained (N_p, L_s)
+    setting, the Pareto front, the authors' settings starred; ``e2e`` rows (the improved recipe) as diamonds."""
+    nets = list(points.network.unique())
+    fig, axes = plt.subplots(1, len(nets), figsize=(5 * len(nets), 4.2), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        p = points[points.network == net]
+        ax.scatter(p.perf_per_area, p.accuracy, c="grey", s=20, label="grid setting (fine-tuned tables)")
+        front = p[p.on_front].sort_values("perf_per_area")
+        ax.plot(front.perf_per_area, front.accuracy, "-", color=figures.color("pareto"), drawstyle="steps-pre",
+                label="Pareto front")
+        paper = p[p.paper_setting]
+        ax.scatter(paper.perf_per_area, paper.accuracy, marker="*", s=160, c="black", zorder=3,
+                   label="authors' settings")
+        for r in p.itertuples():
+            if r.paper_setting or r.on_front:
+                ax.annotate(f"{r.subvec_len},{r.n_prototypes}", (r.perf_per_area, r.accuracy), fontsize="x-small",
+                            xytext=(3, 3), textcoords="offset points")
+        if e2e is not None and (e2e.network == net).any():
+            e = e2e[e2e.network == net]
+            ax.scatter(e.perf_per_area, e.accuracy, marker="D", s=45, c=figures.color("e2e"), zorder=3,
+                       label="e2e recipe (main setting; float / low-bit tables)")
+        ax.axhline(p.float_accuracy.iloc[0], color="black", ls=":", label="float network")
+        ax.axvline(1, color="grey", ls="--", lw=0.8)
+        figures.label(ax, "performance per area over the DLA (x)", "top-1 accuracy (%)", net)
+        ax.legend(fontsize="x-small", loc="lower left")
+    return fig
+
+
+def accuracy_vs_temperature(summary: pd.DataFrame) -> plt.Figure:
+    """Held-out accuracy against the softmax temperature tau (log x), one line per (training mode, forward pass),
+    with error bars (the 95% interval over seeds, else the test-set bootstrap); dashed: k-means, dotted: float.
+    ``summary`` is ``temperature.summary``'s table."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    trained = summary[summary["mode"] != "kmeans"]
+    for (mode, forward), g in trained.groupby(["mode", "forward"], sort=False):
+        g = g.sort_values("tau")
+        acc = g.accuracy.to_numpy(float)
+        if g.seed_ci95.notna().all():
+            err = [g.seed_ci95.to_numpy(float)] * 2
+        else:
+            err = [acc - g.boot_lo.to_numpy(float), g.boot_hi.to_numpy(float) - acc]
+        ax.errorbar(g.tau.to_numpy(float), acc, yerr=err, marker="o" if forward == "soft" else "s", capsize=3,
+                    ls="-" if forward == "soft" else "--", color=figures.color(mode), label=f"{mode}, {forward}")
+    km = summary[summary["mode"] == "kmeans"]
+    if not km.empty:
+        ax.axhline(km.accuracy.iloc[0], color="grey", ls="-.", label="k-means only")
+    ax.axhline(summary.float_accuracy.iloc[0], color="black", ls=":", label="float network")
+    ax.set_xscale("log")
+    figures.label(ax, "softmax temperature tau (distance units)", "top-1 accuracy (%)",
+                  "Accuracy vs temperature (hard assignment at inference)")
+    ax.legend(fontsize="x-small", loc="lower right")
+    return fig
