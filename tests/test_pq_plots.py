@@ -141,3 +141,16 @@ def test_accuracy_vs_temperature_error_bars():
     np.testing.assert_allclose(line.get_ydata(), [70.0, 75.0])
     ys = sorted(np.concatenate([c.get_ydata() for c in caps]))
     assert ys == [68.0, 71.0, 72.0, 77.0]  # the bootstrap interval's ends as caps
+
+
+def test_lut_speedups_bars_are_the_committed_ratios():
+    from effllm_lib import results
+    bench = results.load("pqa", "lut_benchmark_xeon")
+    ax = plots.lut_speedups(bench).axes[0]
+    assert ax.get_xlabel().startswith("speed-up over dense")
+    b = bench[(bench.subvec_len == 4) & (bench.encoder == "exact")]
+    bars = next(c for c in ax.containers if c.get_label() == "exact encoder")
+    widths = sorted(round(p.get_width(), 6) for p in bars)
+    assert widths == sorted(round(v, 6) for v in b.speedup)
+    with pytest.raises(ValueError):
+        plots.lut_speedups(bench, subvec_len=3)

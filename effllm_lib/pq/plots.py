@@ -169,3 +169,27 @@ def accuracy_vs_temperature(summary: pd.DataFrame) -> plt.Figure:
                   "Accuracy vs temperature (hard assignment at inference)")
     ax.legend(fontsize="x-small", loc="lower right")
     return fig
+
+
+def lut_speedups(bench: pd.DataFrame, subvec_len: int = 4) -> plt.Figure:
+    """The LUT kernel's speed-up over dense per layer shape (median time ratio, bars per encoder), with the
+    break-even (1x) and the 2x target marked; ``bench`` is a ``benchmarks/pq_lut.py`` table."""
+    b = bench[bench.subvec_len == subvec_len]
+    if b.empty:
+        raise ValueError(f"no rows with subvec_len {subvec_len} in the benchmark table")
+    order = list(dict.fromkeys(b["shape"]))
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(order) + 1.5))
+    encoders = list(dict.fromkeys(b.encoder))
+    height = 0.8 / len(encoders)
+    for i, enc in enumerate(encoders):
+        e = b[b.encoder == enc].set_index("shape").reindex(order)
+        ax.barh([j + (i - (len(encoders) - 1) / 2) * height for j in range(len(order))], e.speedup, height=height,
+                label=f"{enc} encoder", color=figures.color(f"encoder {enc}"))
+    ax.set_yticks(range(len(order)), order)
+    ax.invert_yaxis()
+    ax.axvline(1, color="black", ls=":", label="dense (1x)")
+    ax.axvline(2, color="black", ls="--", label="2x target")
+    figures.label(ax, "speed-up over dense F.conv2d / F.linear (x, median of repeats)", "layer shape",
+                  f"int8 LUT kernel, N_p 16, L_s {subvec_len}")
+    ax.legend(fontsize="x-small", loc="lower right")
+    return fig
