@@ -154,3 +154,16 @@ def test_lut_speedups_bars_are_the_committed_ratios():
     assert widths == sorted(round(v, 6) for v in b.speedup)
     with pytest.raises(ValueError):
         plots.lut_speedups(bench, subvec_len=3)
+
+
+def test_layer_mse_float_column_and_bad_column():
+    import pandas as pd
+    g = pd.DataFrame({"network": ["kws"] * 4, "mode": ["kmeans"] * 4, "n_prototypes": [4, 16, 4, 16],
+                      "subvec_len": [2, 2, 8, 8], "layer_mse": [1.0, 0.5, 2.0, 1.5],
+                      "layer_mse_float": [0.4, 0.1, 0.9, 0.6]})
+    ax = plots.layer_mse(g, "layer_mse_float").axes[0]
+    assert "float inputs" in ax.get_title()
+    ys = sorted(np.concatenate([l.get_ydata() for l in ax.get_lines() if len(l.get_ydata())]))
+    assert ys == [0.1, 0.4, 0.6, 0.9]
+    with pytest.raises(ValueError):
+        plots.layer_mse(g, "mse")

@@ -24,16 +24,20 @@ def accuracy_vs_shape(grid: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def layer_mse(grid: pd.DataFrame) -> plt.Figure:
-    """Mean layer-output MSE of k-means tables against N_p (log-log), by L_s and network."""
+def layer_mse(grid: pd.DataFrame, column: str = "layer_mse", ax=None) -> plt.Figure:
+    """Mean layer-output MSE of k-means tables against N_p (log-log), by L_s and network. ``column``:
+    ``layer_mse`` (inputs from the already-quantized prefix) or ``layer_mse_float`` (the float network's)."""
+    if column not in ("layer_mse", "layer_mse_float"):
+        raise ValueError(f"column must be layer_mse or layer_mse_float, got {column!r}")
     mse = grid[grid["mode"] == "kmeans"]
-    fig, ax = plt.subplots()
-    sns.lineplot(mse, x="n_prototypes", y="layer_mse", hue="subvec_len", style="network", marker="o",
+    fig, ax = plt.subplots() if ax is None else (ax.figure, ax)
+    sns.lineplot(mse, x="n_prototypes", y=column, hue="subvec_len", style="network", marker="o",
                  palette="viridis", ax=ax)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    inputs = "float inputs" if column == "layer_mse_float" else "inputs from the PQ prefix"
     figures.label(ax, "prototypes per subspace N_p", "mean layer-output MSE (activation units²)",
-                  "PQ error falls with N_p and rises with L_s")
+                  f"PQ layer error vs N_p and L_s ({inputs})")
     return fig
 
 
