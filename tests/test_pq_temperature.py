@@ -188,3 +188,26 @@ def test_run_ci_has_every_row(one_thread):
     assert len(df[df.experiment == "mse"]) == len(sc.mse_np) * len(sc.mse_ls)
     s = temperature.summary(df)
     assert len(s) == len(t) + 1  # + the k-means row
+
+
+def test_main_saves_after_each_seed_and_at_the_checkpoint(tmp_path, monkeypatch):
+    import pandas as pd
+    from effllm_lib import results
+    from effllm_lib.pq import temperature
+    saved = []
+    real_save = results.save
+
+    def fake_run(network, scale, *, seed, checkpoint=None, mse_grid=True, **kw):
+        rows = pd.DataFrame([{"network": network, "seed": seed, "experiment": "temperature", "accuracy": 50.0}])
+        checkpoint(rows)
+        saved.append(("checkpoint", seed, mse_grid))
+        return rows
+
+    monkeypatch.setattr(temperature, "run", fake_run)
+    monkeypatch.setattr(results, "save", lambda df, *a, **k: (saved.append(("save", len(df), k["params"]["partial"])),
+                                                             real_save(df, *a, **k))[1])
+    temperature.main(["--scale", "ci", "--seeds", "0", "1", "--out", str(tmp_path)])
+    assert saved == [("save", 1, True), ("checkpoint", 0, True), ("save", 1, True),
+                     ("save", 2, True), ("checkpoint", 1, False), ("save", 2, False)]
+    df = results.read(tmp_path / "temperature_sweep_kws.csv")
+    assert list(df.seed) == [0, 1] and df.attrs["provenance"]["params"]["seeds"] == [0, 1]

@@ -114,8 +114,9 @@ def bootstrap_interval(hits, n_boot: int = 1000, seed: int = 0, level: float = 0
 
 
 def run(network: str = "kws", scale="ci", *, seed: int = 0, device: str = "cpu", cifar_images=None,
-        cifar_labels=None, mse_grid: bool = True, verbose: bool = False) -> pd.DataFrame:
-    """The temperature study of the module docstring for one seed; returns one row per evaluated model."""
+        cifar_labels=None, mse_grid: bool = True, verbose: bool = False, checkpoint=None) -> pd.DataFrame:
+    """The temperature study of the module docstring for one seed; returns one row per evaluated model.
+    ``checkpoint(df)``, if given, gets the rows so far after the temperature rows (before the MSE grid)."""
     sc = scale_for(scale)
     if network not in sweeps.PAPER_SETTING:
         raise ValueError(f"unknown network {network!r}; expected one of {sorted(sweeps.PAPER_SETTING)}")
@@ -165,6 +166,8 @@ def run(network: str = "kws", scale="ci", *, seed: int = 0, device: str = "cpu",
             r = row("temperature", evaluate(model), mode=mode, forward=forward, tau=tau, seconds=time.time() - t)
             log(f"  {mode} {forward} tau {tau:g}: val {r['val_accuracy']:.2f} held-out {r['accuracy']:.2f} "
                 f"[{r['accuracy_lo']:.2f}, {r['accuracy_hi']:.2f}] ({r['seconds']:.0f}s)")
+    if checkpoint is not None:
+        checkpoint(pd.DataFrame(rows))
     if mse_grid:
         for g_np in sc.mse_np:
             for g_ls in sc.mse_ls:
@@ -247,8 +250,12 @@ def main(argv=None) -> int:
               "torch_threads": torch.get_num_threads()}
     done = []
     for i, seed in enumerate(args.seeds):
+        def checkpoint(df, i=i):  # a machine stopped mid-seed keeps that seed's temperature rows
+            results.save(pd.concat([*done, df], ignore_index=True), "pqa", table, scale=label, path=path,
+                         params={**params, "seeds": args.seeds[:i + 1], "partial": True})
+
         done.append(run(args.network, args.scale, seed=seed, device=args.device, cifar_images=cifar[0],
-                        cifar_labels=cifar[1], verbose=True, mse_grid=i == 0))  # the MSE grid once
+                        cifar_labels=cifar[1], verbose=True, mse_grid=i == 0, checkpoint=checkpoint))
         results.save(pd.concat(done, ignore_index=True), "pqa", table, scale=label, path=path,
                      params={**params, "seeds": args.seeds[:i + 1], "partial": i + 1 < len(args.seeds)})
     return 0
