@@ -211,3 +211,22 @@ def test_main_saves_after_each_seed_and_at_the_checkpoint(tmp_path, monkeypatch)
                      ("save", 2, True), ("checkpoint", 1, False), ("save", 2, False)]
     df = results.read(tmp_path / "temperature_sweep_kws.csv")
     assert list(df.seed) == [0, 1] and df.attrs["provenance"]["params"]["seeds"] == [0, 1]
+
+
+def test_mse_claims_use_float_inputs_when_every_grid_row_has_them():
+    import pandas as pd
+    from effllm_lib.pq import sweeps
+    # prefix-input MSE falls with N_p, float-input MSE rises: the claim must follow the float column
+    grid = pd.DataFrame({"network": "kws", "seed": 0, "experiment": "grid", "mode": "kmeans",
+                         "n_prototypes": [4, 8, 16, 4, 8, 16], "subvec_len": [2, 2, 2, 4, 4, 4],
+                         "layer_mse": [3.0, 2.0, 1.0, 6.0, 5.0, 4.0],
+                         "layer_mse_float": [1.0, 2.0, 3.0, 4.0, 5.0, 6.0],
+                         "accuracy": 50.0, "float_accuracy": 60.0, "proto_bits": None})
+    rows = sweeps.claims(grid).set_index("claim_id")
+    expected = grid.n_prototypes.rank().corr(grid.layer_mse_float.rank())  # Spearman by hand
+    assert rows.loc["error_falls_with_np", "ours"] == pytest.approx(expected) and expected > 0
+    assert "float network's activations" in rows.loc["error_falls_with_np", "reason"]
+    # one row without it (an older table): the prefix-input column for all
+    old = grid.assign(layer_mse_float=[1.0, 2.0, 3.0, 4.0, 5.0, None])
+    rows = sweeps.claims(old).set_index("claim_id")
+    assert rows.loc["error_falls_with_np", "ours"] < 0
