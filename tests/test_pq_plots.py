@@ -85,3 +85,85 @@ def test_pq_error_lines_per_subvector_length():
     ax = plots.pq_error(err, 72).axes[0]
     assert [l.get_label() for l in ax.get_lines()] == ["L_s = 2", "L_s = 9"]
     assert ax.get_ylabel() == "relative output MSE (unitless)" and "72 inputs" in ax.get_title()
+
+
+def test_pareto_front_hand_case():
+    from effllm_lib.pq.pareto import pareto_front
+    # (perf, acc): b dominates a; c and d trade off; e ties d on both axes (neither dominates)
+    perf = [1.0, 2.0, 3.0, 0.5, 0.5]
+    acc = [50.0, 60.0, 40.0, 90.0, 90.0]
+    assert pareto_front(perf, acc) == [False, True, True, True, True]
+    with pytest.raises(ValueError):
+        pareto_front([1.0], [])
+
+
+def test_accuracy_vs_perf_per_area_front_and_stars():
+    import pandas as pd
+    pts = pd.DataFrame({"network": ["kws"] * 4, "n_prototypes": [4, 8, 16, 32], "subvec_len": [4, 4, 4, 2],
+                        "accuracy": [50.0, 70.0, 80.0, 60.0], "float_accuracy": [90.0] * 4,
+                        "perf_per_area": [2.0, 1.5, 1.0, 0.5], "paper_setting": [False, False, True, False],
+                        "on_front": [True, True, True, False]})
+    ax = plots.accuracy_vs_perf_per_area(pts).axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("performance per area over the DLA (x)", "top-1 accuracy (%)")
+    front = next(l for l in ax.get_lines() if l.get_label() == "Pareto front")
+    np.testing.assert_allclose(front.get_xdata(), [1.0, 1.5, 2.0])
+    np.testing.assert_allclose(front.get_ydata(), [80.0, 70.0, 50.0])
+    stars = next(c for c in ax.collections if c.get_label() == "authors' settings")
+    np.testing.assert_allclose(stars.get_offsets(), [[1.0, 80.0]])
+
+
+def test_pareto_points_from_the_committed_sweeps(df):
+    from effllm_lib.pq import accelerator as A, pareto
+    pts = pareto.points(df[df.network == "kws"])
+    grid = df[(df.network == "kws") & (df.experiment == "grid") & (df["mode"] == "both")]
+    assert len(pts) == grid.groupby(["n_prototypes", "subvec_len"]).ngroups
+    r = pts[(pts.n_prototypes == 16) & (pts.subvec_len == 4)].iloc[0]
+    assert r.main_setting and r.paper_setting
+    # brute force over the hardware grid for this one setting
+    best = max(A.compare_network(A.load_layers("kws"), A.PQConfigHW(subvec_len=4, n_prototypes=16, num_out_vec=nov,
+                                                                  num_subspace_vec=nsv, memory=m))["perf_per_area"]
+               for nov in A.NUM_OUT_VEC_GRID for nsv in A.NUM_SUBSPACE_VEC_GRID for m in ("DDR", "HBM"))
+    assert r.perf_per_area == pytest.approx(best)
+    front = pts[pts.on_front]
+    for p in pts.itertuples():  # nothing on the front is beaten on both axes
+        assert not ((front.perf_per_area > p.perf_per_area) & (front.accuracy > p.accuracy)).any() or not p.on_front
+
+
+def test_accuracy_vs_temperature_error_bars():
+    import pandas as pd
+    s = pd.DataFrame({"mode": ["kmeans", "both", "both"], "forward": ["-", "soft", "soft"],
+                      "tau": [None, 0.1, 1.0], "accuracy": [60.0, 70.0, 75.0], "seed_ci95": [None, None, None],
+                      "boot_lo": [58.0, 68.0, 72.0], "boot_hi": [62.0, 71.0, 77.0], "float_accuracy": [90.0] * 3})
+    ax = plots.accuracy_vs_temperature(s).axes[0]
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "top-1 accuracy (%)"
+    bars = next(c for c in ax.containers if c.get_label() == "both, soft")
+    line, caps, _ = bars.lines
+    np.testing.assert_allclose(line.get_ydata(), [70.0, 75.0])
+    ys = sorted(np.concatenate([c.get_ydata() for c in caps]))
+    assert ys == [68.0, 71.0, 72.0, 77.0]  # the bootstrap interval's ends as caps
+
+
+def test_lut_speedups_bars_are_the_committed_ratios():
+    from effllm_lib import results
+    bench = results.load("pqa", "lut_benchmark_xeon")
+    ax = plots.lut_speedups(bench).axes[0]
+    assert ax.get_xlabel().startswith("speed-up over dense")
+    b = bench[(bench.subvec_len == 4) & (bench.encoder == "exact")]
+    bars = next(c for c in ax.containers if c.get_label() == "exact encoder")
+    widths = sorted(round(p.get_width(), 6) for p in bars)
+    assert widths == sorted(round(v, 6) for v in b.speedup)
+    with pytest.raises(ValueError):
+        plots.lut_speedups(bench, subvec_len=3)
+
+
+def test_layer_mse_float_column_and_bad_column():
+    import pandas as pd
+    g = pd.DataFrame({"network": ["kws"] * 4, "mode": ["kmeans"] * 4, "n_prototypes": [4, 16, 4, 16],
+                      "subvec_len": [2, 2, 8, 8], "layer_mse": [1.0, 0.5, 2.0, 1.5],
+                      "layer_mse_float": [0.4, 0.1, 0.9, 0.6]})
+    ax = plots.layer_mse(g, "layer_mse_float").axes[0]
+    assert "float inputs" in ax.get_title()
+    ys = sorted(np.concatenate([l.get_ydata() for l in ax.get_lines() if len(l.get_ydata())]))
+    assert ys == [0.1, 0.4, 0.6, 0.9]
+    with pytest.raises(ValueError):
+        plots.layer_mse(g, "mse")

@@ -11,8 +11,9 @@ model), ``cnn`` (ResNet-20, KWS and EMNIST shapes; Fashion-MNIST / CIFAR-10 load
 accuracy experiments of the chapter), ``fast`` (a vectorized CPU inference path).
 """
 
-from .layers import PQConfig, PQConv2d, PQLinear, pq_convert_, pq_layers, set_bits_, set_tau_
+from .layers import PQConfig, PQConv2d, PQLinear, pq_convert_, pq_layers, set_bits_, set_forward_, set_tau_
 from .train import accuracy, calibrate_, finetune_, kmeans, layer_mse, train_float
 
-__all__ = ["PQConfig", "PQConv2d", "PQLinear", "pq_convert_", "pq_layers", "set_bits_", "set_tau_", "accuracy",
+__all__ = ["PQConfig", "PQConv2d", "PQLinear", "pq_convert_", "pq_layers", "set_bits_", "set_forward_", "set_tau_",
+           "accuracy",
            "calibrate_", "finetune_", "kmeans", "layer_mse", "train_float"]

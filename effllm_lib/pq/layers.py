@@ -32,7 +32,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-TRAIN_MODES = ("kmeans", "lut", "prototypes", "both")
+# prototypes: prototypes trained, the LUT frozen at its k-means value (only the encoding moves);
+# prototypes_derived: the paper's "prototypes only": prototypes trained and the LUT recomputed from them,
+# LUT = P . W, in every forward pass (gradients reach the prototypes through the table too).
+TRAIN_MODES = ("kmeans", "lut", "prototypes", "prototypes_derived", "both")
 
 
 @dataclass
@@ -108,6 +111,7 @@ class _PQBase(nn.Module):
         mask[in_features:] = 0
         self.register_buffer("proto_mask", mask.view(self.n_subspaces, 1, l_s))
         self.register_buffer("calibrated", torch.tensor(False))
+        self.derive_lut = False  # True: the forward pass uses LUT = P . W (prototypes_derived training)
 
     # --- tables
     def set_prototypes(self, prototypes: torch.Tensor) -> None:
@@ -131,7 +135,7 @@ class _PQBase(nn.Module):
         if self.config.proto_bits:
             scale, zero = proto_grid(protos, self.config.proto_bits)
             protos = fake_quant_asym(protos, scale, zero, self.config.proto_bits)
-        lut = self.lut
+        lut = self.lut_from_weight() if self.derive_lut else self.lut
         if self.config.lut_bits:
             lut = fake_quant_sym(lut, lut_scale(lut, self.config.lut_bits), self.config.lut_bits)
         return protos, lut
@@ -379,6 +383,21 @@ def set_bits_(model: nn.Module, proto_bits: int | None, lut_bits: int | None) ->
 
 
 def set_tau_(model: nn.Module, tau: float) -> nn.Module:
+    """Set the softmax temperature of every PQ layer (a bad tau raises, as in PQConfig)."""
     for _, layer in pq_layers(model):
         layer.config = PQConfig(**{**layer.config.__dict__, "tau": tau})
     return model
+
+
+def set_forward_(model: nn.Module, forward: str) -> nn.Module:
+    """Choose the training-time forward pass of every PQ layer: "soft" (the output is the softmax-weighted sum
+    of table rows, differentiable, as in PECAN / the paper's temperature study) or "straight_through" (the
+    hard output, with the soft assignment's gradient). Evaluation is always hard."""
+    if forward not in FORWARDS:
+        raise ValueError(f"forward must be one of {FORWARDS}, got {forward!r}")
+    for _, layer in pq_layers(model):
+        layer.config = PQConfig(**{**layer.config.__dict__, "straight_through": forward == "straight_through"})
+    return model
+
+
+FORWARDS = ("soft", "straight_through")

@@ -24,16 +24,20 @@ def accuracy_vs_shape(grid: pd.DataFrame) -> plt.Figure:
     return fig
 
 
-def layer_mse(grid: pd.DataFrame) -> plt.Figure:
-    """Mean layer-output MSE of k-means tables against N_p (log-log), by L_s and network."""
+def layer_mse(grid: pd.DataFrame, column: str = "layer_mse", ax=None) -> plt.Figure:
+    """Mean layer-output MSE of k-means tables against N_p (log-log), by L_s and network. ``column``:
+    ``layer_mse`` (inputs from the already-quantized prefix) or ``layer_mse_float`` (the float network's)."""
+    if column not in ("layer_mse", "layer_mse_float"):
+        raise ValueError(f"column must be layer_mse or layer_mse_float, got {column!r}")
     mse = grid[grid["mode"] == "kmeans"]
-    fig, ax = plt.subplots()
-    sns.lineplot(mse, x="n_prototypes", y="layer_mse", hue="subvec_len", style="network", marker="o",
+    fig, ax = plt.subplots() if ax is None else (ax.figure, ax)
+    sns.lineplot(mse, x="n_prototypes", y=column, hue="subvec_len", style="network", marker="o",
                  palette="viridis", ax=ax)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
+    inputs = "float inputs" if column == "layer_mse_float" else "inputs from the PQ prefix"
     figures.label(ax, "prototypes per subspace N_p", "mean layer-output MSE (activation units²)",
-                  "PQ error falls with N_p and rises with L_s")
+                  f"PQ layer error vs N_p and L_s ({inputs})")
     return fig
 
 
@@ -113,4 +117,83 @@ def pq_error(err: pd.DataFrame, inputs: int) -> plt.Figure:
     figures.label(ax, "prototypes per subspace N_p", "relative output MSE (unitless)",
                   f"PQ error of a 3x3 conv ({inputs} inputs) on real activations")
     ax.legend()
+    return fig
+
+
+def accuracy_vs_perf_per_area(points: pd.DataFrame, e2e: pd.DataFrame | None = None) -> plt.Figure:
+    """Accuracy against performance per area (over the DLA), one panel per network: every trained (N_p, L_s)
+    setting, the Pareto front, the authors' settings starred; ``e2e`` rows (the improved recipe) as diamonds."""
+    nets = list(points.network.unique())
+    fig, axes = plt.subplots(1, len(nets), figsize=(5 * len(nets), 4.2), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        p = points[points.network == net]
+        ax.scatter(p.perf_per_area, p.accuracy, c="grey", s=20, label="grid setting (fine-tuned tables)")
+        front = p[p.on_front].sort_values("perf_per_area")
+        ax.plot(front.perf_per_area, front.accuracy, "-", color=figures.color("pareto"), drawstyle="steps-pre",
+                label="Pareto front")
+        paper = p[p.paper_setting]
+        ax.scatter(paper.perf_per_area, paper.accuracy, marker="*", s=160, c="black", zorder=3,
+                   label="authors' settings")
+        for r in p.itertuples():
+            if r.paper_setting or r.on_front:
+                ax.annotate(f"{r.subvec_len},{r.n_prototypes}", (r.perf_per_area, r.accuracy), fontsize="x-small",
+                            xytext=(3, 3), textcoords="offset points")
+        if e2e is not None and (e2e.network == net).any():
+            e = e2e[e2e.network == net]
+            ax.scatter(e.perf_per_area, e.accuracy, marker="D", s=45, c=figures.color("e2e"), zorder=3,
+                       label="e2e recipe (main setting; float / low-bit tables)")
+        ax.axhline(p.float_accuracy.iloc[0], color="black", ls=":", label="float network")
+        ax.axvline(1, color="grey", ls="--", lw=0.8)
+        figures.label(ax, "performance per area over the DLA (x)", "top-1 accuracy (%)", net)
+        ax.legend(fontsize="x-small", loc="lower left")
+    return fig
+
+
+def accuracy_vs_temperature(summary: pd.DataFrame) -> plt.Figure:
+    """Held-out accuracy against the softmax temperature tau (log x), one line per (training mode, forward pass),
+    with error bars (the 95% interval over seeds, else the test-set bootstrap); dashed: k-means, dotted: float.
+    ``summary`` is ``temperature.summary``'s table."""
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    trained = summary[summary["mode"] != "kmeans"]
+    for (mode, forward), g in trained.groupby(["mode", "forward"], sort=False):
+        g = g.sort_values("tau")
+        acc = g.accuracy.to_numpy(float)
+        if g.seed_ci95.notna().all():
+            err = [g.seed_ci95.to_numpy(float)] * 2
+        else:
+            err = [acc - g.boot_lo.to_numpy(float), g.boot_hi.to_numpy(float) - acc]
+        ax.errorbar(g.tau.to_numpy(float), acc, yerr=err, marker="o" if forward == "soft" else "s", capsize=3,
+                    ls="-" if forward == "soft" else "--", color=figures.color(mode), label=f"{mode}, {forward}")
+    km = summary[summary["mode"] == "kmeans"]
+    if not km.empty:
+        ax.axhline(km.accuracy.iloc[0], color="grey", ls="-.", label="k-means only")
+    ax.axhline(summary.float_accuracy.iloc[0], color="black", ls=":", label="float network")
+    ax.set_xscale("log")
+    figures.label(ax, "softmax temperature tau (distance units)", "top-1 accuracy (%)",
+                  "Accuracy vs temperature (hard assignment at inference)")
+    ax.legend(fontsize="x-small", loc="lower right")
+    return fig
+
+
+def lut_speedups(bench: pd.DataFrame, subvec_len: int = 4) -> plt.Figure:
+    """The LUT kernel's speed-up over dense per layer shape (median time ratio, bars per encoder), with the
+    break-even (1x) and the 2x target marked; ``bench`` is a ``benchmarks/pq_lut.py`` table."""
+    b = bench[bench.subvec_len == subvec_len]
+    if b.empty:
+        raise ValueError(f"no rows with subvec_len {subvec_len} in the benchmark table")
+    order = list(dict.fromkeys(b["shape"]))
+    fig, ax = plt.subplots(figsize=(7, 0.28 * len(order) + 1.5))
+    encoders = list(dict.fromkeys(b.encoder))
+    height = 0.8 / len(encoders)
+    for i, enc in enumerate(encoders):
+        e = b[b.encoder == enc].set_index("shape").reindex(order)
+        ax.barh([j + (i - (len(encoders) - 1) / 2) * height for j in range(len(order))], e.speedup, height=height,
+                label=f"{enc} encoder", color=figures.color(f"encoder {enc}"))
+    ax.set_yticks(range(len(order)), order)
+    ax.invert_yaxis()
+    ax.axvline(1, color="black", ls=":", label="dense (1x)")
+    ax.axvline(2, color="black", ls="--", label="2x target")
+    figures.label(ax, "speed-up over dense F.conv2d / F.linear (x, median of repeats)", "layer shape",
+                  f"int8 LUT kernel, N_p 16, L_s {subvec_len}")
+    ax.legend(fontsize="x-small", loc="lower right")
     return fig

@@ -101,17 +101,28 @@ def layer_inputs(model: nn.Module, layer: _PQBase, images, max_rows: int = 16384
 
 
 def calibrate_(model: nn.Module, images: torch.Tensor, *, max_rows: int = 8192, iters: int = 20,
-               seed: int = 0, verbose: bool = False) -> nn.Module:
+               seed: int = 0, verbose: bool = False, inputs: str = "quantized") -> nn.Module:
     """k-means initialization of every PQ layer, in order, from the activations it actually sees.
 
-    Layer i is calibrated on inputs produced by layers 0..i-1 already in PQ form (later layers are still
-    exact), so each layer's prototypes match the activations it will meet at inference.
+    ``inputs="quantized"`` (default): layer i is calibrated on inputs produced by layers 0..i-1 already in PQ
+    form (later layers are still exact), so each layer's prototypes match the activations it will meet at
+    inference. ``"float"``: every layer is calibrated on the float network's activations (each layer's own
+    quantization problem, as in a per-layer MSE study).
     """
     layers = pq_layers(model)
     if not layers:
         raise ValueError("calibrate_: the model has no PQ layers (call pq_convert_ first)")
     if not isinstance(images, torch.Tensor) or len(images) == 0:
         raise ValueError("calibrate_ needs a non-empty tensor of calibration inputs")
+    if inputs not in MSE_INPUTS:
+        raise ValueError(f"inputs must be one of {MSE_INPUTS}, got {inputs!r}")
+    if inputs == "float":
+        with exact_layers(model):
+            rows = [layer_inputs(model, layer, images, max_rows=max_rows, seed=seed) for _, layer in layers]
+        for (name, layer), r in zip(layers, rows):
+            sub = F.pad(r, (0, layer.pad)).view(r.shape[0], layer.n_subspaces, -1)
+            layer.set_prototypes(kmeans(sub.transpose(0, 1), layer.config.n_prototypes, iters=iters, seed=seed))
+        return model
     for name, layer in layers:
         t0 = time.time()
         n_rows = calibrate_layer_(model, layer, images, max_rows=max_rows, iters=iters, seed=seed)
@@ -141,8 +152,9 @@ def _set_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
     for _, layer in pq_layers(model):
         if mode in ("lut", "both"):
             params.append(layer.lut)
-        if mode in ("prototypes", "both"):
+        if mode in ("prototypes", "prototypes_derived", "both"):
             params.append(layer.prototypes)
+        layer.derive_lut = mode == "prototypes_derived"
     for p in params:
         p.requires_grad_(True)
     return params
@@ -151,7 +163,10 @@ def _set_trainable(model: nn.Module, mode: str) -> list[nn.Parameter]:
 def finetune_(model: nn.Module, data, *, mode: str = "both", epochs: float = 1.0, lr: float = 1e-3,
               batch_size: int = 128, seed: int = 0, teacher: nn.Module | None = None,
               max_seconds: float | None = None) -> dict:
-    """Fine-tune the PQ tables (``mode``: lut / prototypes / both; kmeans = no training) on (images, labels).
+    """Fine-tune the PQ tables (``mode``: one of ``TRAIN_MODES``; kmeans = no training) on (images, labels).
+
+    ``prototypes_derived`` trains the prototypes only and recomputes every LUT from them (LUT = P . W) in each
+    forward pass; at the end the derived tables are stored in ``lut``, so the model evaluates and saves as usual.
 
     Everything else stays frozen, BatchNorm included (eval statistics). The loss is cross-entropy on the
     labels, plus a KL term to ``teacher``'s logits when a float teacher is given. Adam with lr 1e-3: the
@@ -161,6 +176,8 @@ def finetune_(model: nn.Module, data, *, mode: str = "both", epochs: float = 1.0
     params = _set_trainable(model, mode)
     images, labels = data
     if mode == "kmeans" or epochs <= 0:
+        for _, layer in pq_layers(model):
+            layer.derive_lut = False
         return {"steps": 0, "seconds": 0.0, "last_loss": float("nan")}
     opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(seed)
@@ -193,6 +210,11 @@ def finetune_(model: nn.Module, data, *, mode: str = "both", epochs: float = 1.0
         if max_seconds is not None and time.time() - t0 > max_seconds:
             break
     model.eval()
+    for _, layer in pq_layers(model):
+        if layer.derive_lut:  # freeze the derived tables into the LUT parameter
+            with torch.no_grad():
+                layer.lut.copy_(layer.lut_from_weight())
+            layer.derive_lut = False
     for p in model.parameters():
         p.requires_grad_(True)
     return {"steps": step + 1, "seconds": time.time() - t0, "last_loss": float(loss.detach())}
@@ -248,12 +270,44 @@ def accuracy(model: nn.Module, data, batch_size: int = 512) -> float:
     return 100.0 * correct / len(images)
 
 
+class exact_layers:
+    """Context manager: every PQ layer of ``model`` computes its exact dense layer inside the block (the float
+    network, as long as nothing else was changed)."""
+
+    def __init__(self, model: nn.Module):
+        self.layers = [layer for _, layer in pq_layers(model)]
+
+    def __enter__(self):
+        self.flags = [bool(layer.calibrated) for layer in self.layers]
+        for layer in self.layers:
+            layer.calibrated.fill_(False)
+        return self
+
+    def __exit__(self, *exc):
+        for layer, flag in zip(self.layers, self.flags):
+            layer.calibrated.fill_(flag)
+        return False
+
+
+MSE_INPUTS = ("quantized", "float")
+
+
 @torch.no_grad()
-def layer_mse(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
-    """Per PQ layer: mean squared error of the PQ output vs the exact dense output on the same input."""
+def layer_mse(model: nn.Module, images: torch.Tensor, inputs: str = "quantized") -> dict[str, float]:
+    """Per PQ layer: mean squared error of the PQ output vs the exact dense output on the same input.
+
+    ``inputs``: "quantized" = the rows the layer sees in the PQ model (the layers before it already PQ);
+    "float" = the rows it sees in the float network (every PQ layer exact while they are captured), so the
+    error is the layer's own, as the paper's MSE-vs-N_p study measures it."""
+    if inputs not in MSE_INPUTS:
+        raise ValueError(f"inputs must be one of {MSE_INPUTS}, got {inputs!r}")
     out = {}
     for name, layer in pq_layers(model):
-        rows = layer_inputs(model, layer, images, max_rows=8192)
+        if inputs == "float":
+            with exact_layers(model):
+                rows = layer_inputs(model, layer, images, max_rows=8192)
+        else:
+            rows = layer_inputs(model, layer, images, max_rows=8192)
         exact = rows @ layer.weight_2d.t()
         if layer.bias is not None:
             exact = exact + layer.bias
@@ -264,10 +318,10 @@ def layer_mse(model: nn.Module, images: torch.Tensor) -> dict[str, float]:
     return out
 
 
-def mean_layer_mse(model: nn.Module, images: torch.Tensor) -> float:
+def mean_layer_mse(model: nn.Module, images: torch.Tensor, inputs: str = "quantized") -> float:
     """``layer_mse`` averaged over the model's PQ layers (one number per model, as the sweeps tabulate it);
     NaN for a model without PQ layers."""
-    values = list(layer_mse(model, images).values())
+    values = list(layer_mse(model, images, inputs).values())
     return sum(values) / len(values) if values else float("nan")
 
 
