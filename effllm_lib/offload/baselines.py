@@ -67,24 +67,21 @@ def make_generate(small, big, spec: dict, **controller_kwargs) -> Callable[[Prob
     return generate
 
 
-def run_modes(problems: list[Problem], small, big, log_dir: str | Path, *, grid: list[dict] | None = None,
-              time_budget_s: float | None = None, progress: bool = False, **controller_kwargs) -> pd.DataFrame:
-    """Every mode of ``grid`` over ``problems`` (one sample each), resumable: one JSON-lines log per mode in
-    ``log_dir``. Problems are taken one at a time through all modes, so every mode sees the same problems; with
+def log_name(label: str) -> str:
+    """The JSON-lines log file of a mode, from its label."""
+    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") + ".jsonl"
+
+
+def run_round_robin(problems: list[Problem], gens: list[tuple[dict, object, Path]], *,
+                    time_budget_s: float | None = None, progress: bool = False) -> list[tuple[dict, pd.DataFrame]]:
+    """Each problem through every (spec, generate, log) in turn, so every mode sees the same problems; with
     ``time_budget_s`` no new problem starts once that many seconds have passed (the first always runs; a rerun
-    continues from the logs).
-    Returns all records, one row per (mode, problem)."""
+    continues from the logs). Returns (spec, records of the problems done) per mode."""
     import time
 
-    grid = mode_grid() if grid is None else grid
-    if not problems:
-        raise ValueError("run_modes needs at least one problem")
-    gens = [(spec, make_generate(small, big, spec, **dict(controller_kwargs)),
-             Path(log_dir) / (re.sub(r"[^a-z0-9]+", "_", spec["label"].lower()).strip("_") + ".jsonl"))
-            for spec in grid]
-    t0, done = time.perf_counter(), []
     from tqdm.auto import tqdm
 
+    t0, done = time.perf_counter(), []
     for p in tqdm(problems, desc="problems", disable=not progress):
         if time_budget_s is not None and done and time.perf_counter() - t0 > time_budget_s:
             break
@@ -92,7 +89,23 @@ def run_modes(problems: list[Problem], small, big, log_dir: str | Path, *, grid:
             evaluate([p], gen, log, desc=spec["label"], progress=False)
         done.append(p.id)
     wanted = set(done)
-    frames = [evaluate([p for p in problems if p.id in wanted], gen, log, progress=False) for _, gen, log in gens]
+    return [(spec, evaluate([p for p in problems if p.id in wanted], gen, log, progress=False))
+            for spec, gen, log in gens]
+
+
+def run_modes(problems: list[Problem], small, big, log_dir: str | Path, *, grid: list[dict] | None = None,
+              time_budget_s: float | None = None, progress: bool = False, **controller_kwargs) -> pd.DataFrame:
+    """Every mode of ``grid`` over ``problems`` (one sample each), resumable: one JSON-lines log per mode in
+    ``log_dir``. Problems are taken one at a time through all modes, so every mode sees the same problems; with
+    ``time_budget_s`` no new problem starts once that many seconds have passed (the first always runs; a rerun
+    continues from the logs).
+    Returns all records, one row per (mode, problem)."""
+    grid = mode_grid() if grid is None else grid
+    if not problems:
+        raise ValueError("run_modes needs at least one problem")
+    gens = [(spec, make_generate(small, big, spec, **dict(controller_kwargs)), Path(log_dir) / log_name(spec["label"]))
+            for spec in grid]
+    frames = [df for _, df in run_round_robin(problems, gens, time_budget_s=time_budget_s, progress=progress)]
     return pd.concat(frames, ignore_index=True)
 
 

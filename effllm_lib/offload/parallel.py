@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import signal
 import statistics
 import subprocess
@@ -46,7 +45,7 @@ import time
 from pathlib import Path
 
 from ..paths import atomic_write
-from .baselines import MATCHED_OFFLOAD, mode_grid
+from .baselines import MATCHED_OFFLOAD, log_name, mode_grid
 from .problems import SOURCES, Problem, read_log
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -57,11 +56,6 @@ DEFAULT_HF_CACHE = "/tmp/effllm-splitreason-hf"
 PAPER_CONTROLLER = {"chunk_tokens": 64, "probe_tokens": 8, "max_big_segment": 512, "switch_chunk": 32}
 SCORER = "strict (answers.strict_score: the final answer is a number equal to the gold)"
 RUN_FILE, CALL_FILE, PROBLEMS_FILE, THROUGHPUT_FILE = "run.json", "call.json", "problems.jsonl", "throughput.json"
-
-
-def log_name(label: str) -> str:
-    """The log file of a mode (the name ``baselines.run_modes`` gives it)."""
-    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") + ".jsonl"
 
 
 def grid_for(labels: list[str] | None) -> list[dict]:

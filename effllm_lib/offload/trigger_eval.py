@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import re
 import time
 import zlib
 from pathlib import Path
@@ -32,6 +31,7 @@ import pandas as pd
 
 from ..stats import bootstrap_ci
 from .assisted import assisted_generate, assisted_record
+from .baselines import log_name, run_round_robin
 from .controller import Controller
 from .problems import SOURCES, Problem, build_prompt, evaluate, load_problems
 from .triggers import TriggerConfig, TriggerController, calibrate_threshold, threshold_for
@@ -109,10 +109,6 @@ def make_generate(small, big, spec: dict, thresholds: dict, *, window: int, big_
     return generate
 
 
-def log_name(label: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_") + ".jsonl"
-
-
 def run_eval(problems: list[Problem], small, big, log_dir, grid: list[dict], thresholds: dict, *,
              time_budget_s: float | None = None, progress: bool = False, **kw) -> pd.DataFrame:
     """Every mode on each problem in turn (resumable logs in ``log_dir``); all records of the problems done."""
@@ -120,19 +116,8 @@ def run_eval(problems: list[Problem], small, big, log_dir, grid: list[dict], thr
         raise ValueError("run_eval needs at least one problem")
     gens = [(spec, make_generate(small, big, spec, thresholds, **kw), Path(log_dir) / log_name(spec["label"]))
             for spec in grid]
-    t0, done = time.perf_counter(), []
-    from tqdm.auto import tqdm
-
-    for p in tqdm(problems, desc="problems", disable=not progress):
-        if time_budget_s is not None and done and time.perf_counter() - t0 > time_budget_s:
-            break
-        for spec, gen, log in gens:
-            evaluate([p], gen, log, desc=spec["label"], progress=False)
-        done.append(p.id)
-    wanted = [p for p in problems if p.id in set(done)]
     frames = []
-    for spec, gen, log in gens:
-        df = evaluate(wanted, gen, log, progress=False)
+    for spec, df in run_round_robin(problems, gens, time_budget_s=time_budget_s, progress=progress):
         df["method"], df["kind"], df["budget"] = spec["method"], spec.get("kind", spec["method"]), \
             spec.get("budget", math.nan)
         frames.append(df)
