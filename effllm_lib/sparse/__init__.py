@@ -23,7 +23,6 @@ The C++ entry points never throw: argument errors come back as a string and ``sp
 from .cpu_features import available_kernels, cpu_features, resolve_kernel
 from .format import (SparseBF16Weight, SparseInt8Weight, compression_ratio, pack_bf16, pack_bf16_fast, pack_dense_bf16_vnni,
                      pack_int8, quantize_rows_int8, quantize_tokens_int8, unpack_bf16, unpack_int8)
-from .kv_cache import SparseKVCache, SparseKVConfig, enable_sparse_kv_, pack_kv, prune_kv, sparse_kv_attention
 from .pruning import calibration_batches, input_norms, prune_magnitude, prune_wanda
 from .sparse_linear import SparseLinear, dense_linear_amx, sparse_linear
 from .sparsify import (FusedSparseLinear, LinearSlice, SparseGatedMLP, SparsifyConfig, SparsityConfig,
@@ -38,3 +37,14 @@ __all__ = [
     "sparsify_", "unpack_bf16", "unpack_int8", "SparseKVCache", "SparseKVConfig", "enable_sparse_kv_", "pack_kv",
     "prune_kv", "sparse_kv_attention",
 ]
+
+_KV_NAMES = ("SparseKVCache", "SparseKVConfig", "enable_sparse_kv_", "pack_kv", "prune_kv", "sparse_kv_attention")
+
+
+def __getattr__(name: str):
+    # kv_cache subclasses transformers' cache, and importing transformers is slow and noisy: load it on first use
+    if name in _KV_NAMES:
+        from . import kv_cache
+
+        return getattr(kv_cache, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
