@@ -23,21 +23,13 @@ def main():
     ap.add_argument("--scale", choices=sorted(experiments.SCALES), default="ci")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--log", default=None, help="server log file")
-    ap.add_argument("--accelerator", default=None, help="cpu or cuda")
     ap.add_argument("--decoder", default=None, help="pil, opencv, turbo (simplejpeg) or nvjpeg (CUDA only)")
     ap.add_argument("--tag", default="", help="suffix for the results names, e.g. _h100")
-    ap.add_argument("--random-weights", action="store_true",
-                    help="never look for checkpoints (timing does not depend on weights; for offline machines)")
     ap.add_argument("--models", default=None, help="comma-separated subset of the scale's models")
-    ap.add_argument("--lenient-jpeg", action="store_true",
-                    help="accept JPEGs libjpeg only warns about (the paper's servers; default: strict, see preprocess)")
+    experiments.add_server_args(ap)
     args = ap.parse_args()
-    server = {k: v for k, v in (("accelerator", args.accelerator), ("decoder", args.decoder)) if v}
-    if args.lenient_jpeg:
-        server["strict_jpeg"] = False
-    if args.random_weights:
-        server["pretrained"] = False
-    out = experiments.run_breakdown_suite(args.scale, save=not args.no_save, log_path=args.log, server=server or None,
+    server = experiments.server_overrides(args, decoder=args.decoder)
+    out = experiments.run_breakdown_suite(args.scale, save=not args.no_save, log_path=args.log, server=server,
                                           tag=args.tag, models=args.models.split(",") if args.models else None)
     print(out["breakdown"].round(2).to_string())
     print(out["claims"].to_string())

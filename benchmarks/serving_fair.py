@@ -12,7 +12,7 @@ fair_runs<suffix>.csv (one row per design and pass). Designs and baselines: ``ef
 
 import argparse
 
-from effllm_lib.serving import fair
+from effllm_lib.serving import experiments, fair
 
 
 def main(argv=None):
@@ -20,28 +20,18 @@ def main(argv=None):
     ap.add_argument("--scale", choices=sorted(fair.SCALES), default="ci")
     ap.add_argument("--suffix", "--tag", dest="suffix", default="",
                     help="suffix of the results names naming the machine, e.g. _cpu2 or _h200")
-    ap.add_argument("--accelerator", choices=("cpu", "cuda"), default=None)
+    experiments.add_server_args(ap)
     ap.add_argument("--server-cpus", default=None, help="CPU list every server is confined to, e.g. 0-7")
     ap.add_argument("--client-cpus", default=None, help="CPU list of the load generator, e.g. 8-15")
     ap.add_argument("--workers", type=int, default=None, help="inference workers of every batching design")
     ap.add_argument("--designs", default=None, help="';'-separated subset of the designs (names hold commas)")
-    ap.add_argument("--random-weights", action="store_true",
-                    help="never look for checkpoints (timing does not depend on weights; for offline machines)")
-    ap.add_argument("--lenient-jpeg", action="store_true",
-                    help="accept JPEGs libjpeg only warns about (default: strict, see preprocess)")
     ap.add_argument("--log", default=None, help="server log file")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--claims", action="store_true",
                     help="also write claims_fair (the scorecard's optimized_gain_vs_prior_work row; one machine only)")
     args = ap.parse_args(argv)
-    server = {}
-    if args.accelerator:
-        server["accelerator"] = args.accelerator
-    if args.random_weights:
-        server["pretrained"] = False
-    if args.lenient_jpeg:
-        server["strict_jpeg"] = False
-    out = fair.run(args.scale, save=not args.no_save, claims=args.claims, server=server or None, tag=args.suffix,
+    server = experiments.server_overrides(args)
+    out = fair.run(args.scale, save=not args.no_save, claims=args.claims, server=server, tag=args.suffix,
                    server_cpus=args.server_cpus, client_cpus=args.client_cpus, workers=args.workers,
                    designs=tuple(d.strip() for d in args.designs.split(";") if d.strip()) if args.designs else None, log_path=args.log)
     cols = ["design", "throughput_rps", "p50_ms", "p99_ms", "mean_batch", "ratio_of_medians", "ratio_median",

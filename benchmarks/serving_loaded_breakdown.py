@@ -10,28 +10,20 @@ breakdown_loaded_requests<suffix>.csv (every request's spans) and breakdown_load
 
 import argparse
 
-from effllm_lib.serving import loaded
+from effllm_lib.serving import experiments, loaded
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--scale", choices=sorted(loaded.SCALES), default="ci")
     ap.add_argument("--suffix", "--tag", dest="suffix", default="", help="suffix of the results names, e.g. _h200")
-    ap.add_argument("--accelerator", choices=("cpu", "cuda"), default=None)
+    experiments.add_server_args(ap)
     ap.add_argument("--decoders", default=None, help="comma-separated, e.g. pil,turbo,nvjpeg")
-    ap.add_argument("--random-weights", action="store_true", help="never look for checkpoints (offline machines)")
-    ap.add_argument("--lenient-jpeg", action="store_true", help="accept JPEGs libjpeg only warns about")
     ap.add_argument("--log", default=None, help="server log file")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args(argv)
-    server = {}
-    if args.accelerator:
-        server["accelerator"] = args.accelerator
-    if args.random_weights:
-        server["pretrained"] = False
-    if args.lenient_jpeg:
-        server["strict_jpeg"] = False
-    out = loaded.run(args.scale, save=not args.no_save, server=server or None, tag=args.suffix,
+    server = experiments.server_overrides(args)
+    out = loaded.run(args.scale, save=not args.no_save, server=server, tag=args.suffix,
                      decoders=tuple(args.decoders.split(",")) if args.decoders else None, log_path=args.log)
     cols = ["decoder", "size", "throughput_rps", "mean_batch", "total_ms", "queue_ms", "decode_ms", "resize_ms",
             "inference_ms", "preprocess_share"]

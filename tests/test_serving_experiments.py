@@ -46,3 +46,16 @@ def test_decode_pool_design_runs_in_the_optimizations_suite_at_ci_scale():
 def test_unknown_design_is_an_error():
     with pytest.raises(ValueError, match="unknown designs"):
         experiments.run_optimizations_suite("ci", configs=("naive", "teleport"))
+
+
+def test_server_overrides_from_the_shared_options():
+    import argparse
+
+    from effllm_lib.serving.experiments import add_server_args, server_overrides
+
+    ap = argparse.ArgumentParser()
+    add_server_args(ap)
+    assert server_overrides(ap.parse_args([])) is None  # the servers' own defaults
+    args = ap.parse_args(["--accelerator", "cuda", "--random-weights", "--lenient-jpeg"])
+    assert server_overrides(args, decoder="nvjpeg", unused=None) == {
+        "accelerator": "cuda", "decoder": "nvjpeg", "strict_jpeg": False, "pretrained": False}

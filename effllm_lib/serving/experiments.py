@@ -506,6 +506,25 @@ def run_routing_suite(scale: str = "ci", *, save: bool = False, log_path: str | 
     return out
 
 
+def add_server_args(ap) -> None:
+    """The server options every serving benchmark takes: ``--accelerator``, ``--random-weights``, ``--lenient-jpeg``."""
+    ap.add_argument("--accelerator", default=None, choices=("cpu", "cuda"))
+    ap.add_argument("--random-weights", action="store_true",
+                    help="never look for checkpoints (timing does not depend on weights; for offline machines)")
+    ap.add_argument("--lenient-jpeg", action="store_true",
+                    help="accept JPEGs libjpeg only warns about (the paper's servers; default: strict, see preprocess)")
+
+
+def server_overrides(args, **extra) -> dict | None:
+    """The server settings those options ask for (plus any non-empty ``extra``), or None for the defaults."""
+    server = {k: v for k, v in (("accelerator", args.accelerator), *extra.items()) if v}
+    if args.lenient_jpeg:
+        server["strict_jpeg"] = False
+    if args.random_weights:
+        server["pretrained"] = False
+    return server or None
+
+
 def suite_main(run, scales: dict, argv=None, description: str | None = None) -> dict:
     """The command line the serving benchmarks share: ``--scale``, ``--accelerator`` (cpu or cuda), ``--tag``
     (suffix of the results files, e.g. ``_h100``) and ``--no-save``; runs ``run`` (a ``run_*_suite``) and
@@ -514,23 +533,14 @@ def suite_main(run, scales: dict, argv=None, description: str | None = None) -> 
 
     ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--scale", choices=sorted(scales), default="ci")
-    ap.add_argument("--accelerator", default=None, choices=("cpu", "cuda"))
+    add_server_args(ap)
     ap.add_argument("--tag", default="")
     ap.add_argument("--no-save", action="store_true")
-    ap.add_argument("--lenient-jpeg", action="store_true",
-                    help="accept JPEGs libjpeg only warns about (the paper's servers; default: strict, see preprocess)")
-    ap.add_argument("--random-weights", action="store_true",
-                    help="never look for checkpoints (timing does not depend on weights; for offline machines)")
     ap.add_argument("--configs", default=None,
                     help="';'-separated subset of the designs (names hold commas), the first the reference "
                          "(optimizations only), to split a long run into calls")
     args = ap.parse_args(argv)
-    server = {"accelerator": args.accelerator} if args.accelerator else {}
-    if args.lenient_jpeg:
-        server["strict_jpeg"] = False
-    if args.random_weights:
-        server["pretrained"] = False
-    server = server or None
+    server = server_overrides(args)
     kw = {"configs": tuple(c.strip() for c in args.configs.split(";") if c.strip())} if args.configs else {}
     out = run(args.scale, save=not args.no_save, server=server, tag=args.tag, **kw)
     print(out["summary"].round(2).to_string())
