@@ -244,3 +244,42 @@ def test_cache_errors():
     gemma2 = _tiny("gemma3", layers=2)  # both layers sliding-window: nothing to prune
     with pytest.raises(ValueError, match="no full-attention layer"):
         SparseKVCache(gemma2.config)
+
+
+# ------------------------------------------------------------------- the fair dense baseline of the benchmark
+def test_dense_gqa_decode_matches_repeated_heads():
+    """Grouped-query decode without repeat_kv equals the textbook form: repeat each KV head, softmax(qK^T)V."""
+    from effllm_lib.sparse.kv_cache import dense_gqa_decode
+
+    torch.manual_seed(3)
+    q, k, v = torch.randn(1, 8, 1, 16, dtype=torch.float64), torch.randn(1, 2, 37, 16, dtype=torch.float64), \
+        torch.randn(1, 2, 37, 16, dtype=torch.float64)
+    kr, vr = k.repeat_interleave(4, dim=1), v.repeat_interleave(4, dim=1)
+    ref = torch.softmax((q @ kr.transpose(-1, -2)) * 0.25, -1) @ vr  # (1, 8, 1, 16)
+    out = dense_gqa_decode(q, k, v, 0.25)
+    torch.testing.assert_close(out, ref.transpose(1, 2))
+
+
+@pytest.mark.parametrize("arch,layers", [("llama", 2), ("gemma3", 6)])
+def test_preallocated_cache_matches_dynamic_cache(arch, layers):
+    """Prefill, decode steps past the first reserve (a regrow) and a multi-token chunk: the same logits as the
+    stock DynamicCache with SDPA."""
+    from transformers import DynamicCache
+
+    from effllm_lib.sparse.kv_cache import PreallocatedKVCache
+
+    model = _tiny(arch, layers)
+    torch.manual_seed(6)
+    prompt, cont = torch.randint(0, 250, (1, 30)), torch.randint(0, 250, (1, 12))
+    with torch.no_grad():
+        pre, ref = PreallocatedKVCache(model.config, reserve=4), DynamicCache(config=model.config)
+        torch.testing.assert_close(model(input_ids=prompt, past_key_values=pre, use_cache=True).logits,
+                                   model(input_ids=prompt, past_key_values=ref, use_cache=True).logits)
+        for t in range(8):  # 30 + 4 reserved: the buffer grows at step 5
+            torch.testing.assert_close(model(input_ids=cont[:, t:t + 1], past_key_values=pre, use_cache=True).logits,
+                                       model(input_ids=cont[:, t:t + 1], past_key_values=ref, use_cache=True).logits,
+                                       rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(input_ids=cont[:, 8:], past_key_values=pre, use_cache=True).logits,
+                                   model(input_ids=cont[:, 8:], past_key_values=ref, use_cache=True).logits,
+                                   rtol=1e-4, atol=1e-5)
+        assert pre.get_seq_length() == ref.get_seq_length() == 42

@@ -33,10 +33,11 @@ def test_attention_latency_rejects_bad_sparsity():
 def test_decode_latency_kv_small():
     df = decode_latency_kv("smollm2-135m", [64], 0.5, ["portable"], steps=1, warmup=0, rounds=1, layers=1,
                            log=lambda m: None)
-    assert list(df.impl) == ["dense_kv", "sparse_kv_portable"]
-    sparse = df.iloc[1]
-    assert sparse.kv_bytes < df.iloc[0].kv_bytes and sparse.ceiling > 1.0
+    assert list(df.impl) == ["dense_kv", "dense_kv_prealloc", "sparse_kv_portable"]
+    sparse = df.iloc[2]
+    assert sparse.kv_bytes < df.iloc[0].kv_bytes == df.iloc[1].kv_bytes and sparse.ceiling > 1.0
     assert sparse.weight_bytes == df.iloc[0].weight_bytes
+    assert max(df.iloc[:2].speedup) == pytest.approx(1.0)  # the faster dense cache is the base
 
 
 def test_kv_pruning_quality_zero_sparsity_is_dense():

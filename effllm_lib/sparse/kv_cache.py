@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
 from ._build import load_extension
 from .format import SparseBF16Weight, pack_bf16_fast, unpack_bf16, validate_packed
@@ -268,10 +269,86 @@ class SparseKVLayer(_dynamic_layer()):
         raise NotImplementedError("SparseKVCache is batch 1")
 
 
+class PreallocatedKVLayer(_dynamic_layer()):
+    """A dense ``DynamicLayer`` that writes into a preallocated buffer (doubling when full) and returns views, so a
+    decode step copies one token, not the whole history (``DynamicLayer`` concatenates: every step rewrites the
+    cache). Decode steps are marked for ``dense_gqa_decode`` (no ``repeat_kv``). The fair dense baseline for the
+    sparse cache, which also never rewrites its prompt part. Batch 1."""
+
+    def __init__(self, reserve: int = 256, **kwargs):
+        super().__init__(**kwargs)
+        self.reserve = int(reserve)
+        self.length = 0
+        self._k = self._v = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if key_states.shape[0] != 1:
+            raise ValueError(f"PreallocatedKVLayer is batch 1, got batch {key_states.shape[0]}")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self._k is None or self.length + n > self._k.shape[-2]:
+            cap = max(2 * (self._k.shape[-2] if self._k is not None else 0), self.length + n + self.reserve)
+            k = key_states.new_empty(*key_states.shape[:2], cap, key_states.shape[-1])
+            v = value_states.new_empty(*value_states.shape[:2], cap, value_states.shape[-1])
+            if self.length:
+                k[:, :, :self.length] = self._k[:, :, :self.length]
+                v[:, :, :self.length] = self._v[:, :, :self.length]
+            self._k, self._v = k, v
+        self._k[:, :, self.length:self.length + n] = key_states
+        self._v[:, :, self.length:self.length + n] = value_states
+        self.length += n
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+        if n == 1:
+            self.keys._effllm_dense_decode = True
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
+        query_length = args[0] if args else kwargs.get("query_length", kwargs.get("cache_position"))
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
+        return self.length + int(query_length), 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.length, self._k, self._v = 0, None, None
+
+    def crop(self, max_length: int) -> None:
+        if max_length < 0:
+            max_length = self.length + max_length
+        self.length = min(self.length, max_length)
+        if self._k is not None:
+            self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+
+def dense_gqa_decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None):
+    """One decode token (batch 1) over a dense cache with grouped KV heads, without materialising ``repeat_kv``:
+    the query heads of each KV head become that head's query rows, so K and V are read once. Returns
+    (1, 1, heads, head_dim), transformers' attention-output layout."""
+    _, heads, _, d = query.shape
+    kv_heads = key.shape[1]
+    q = query.reshape(1, kv_heads, heads // kv_heads, d)
+    out = F.scaled_dot_product_attention(q, key, value, scale=scale)
+    return out.reshape(1, 1, heads, d)
+
+
 def _cache_base():
     from transformers.cache_utils import DynamicCache
 
     return DynamicCache
+
+
+class PreallocatedKVCache(_cache_base()):
+    """A ``DynamicCache`` whose full-attention layers are ``PreallocatedKVLayer`` (see there). Needs
+    ``enable_sparse_kv_(model)`` for the decode steps to take ``dense_gqa_decode``."""
+
+    def __init__(self, config, reserve: int = 256):
+        super().__init__(config=config)
+        dense = _dynamic_layer()
+        self.layers = [PreallocatedKVLayer(reserve) if type(layer) is dense else layer for layer in self.layers]
 
 
 class SparseKVCache(_cache_base()):
@@ -308,6 +385,10 @@ def sparse_kv_attention_forward(module, query, key, value, attention_mask, scali
     """The attention function "effllm_sparse_kv": the sparse op at a decode step of a ``SparseKVLayer``,
     transformers' SDPA otherwise."""
     layer = getattr(key, "_effllm_sparse_kv", None)
+    if (layer is None and getattr(key, "_effllm_dense_decode", False) and query.shape[0] == 1
+            and query.shape[2] == 1 and kwargs.get("softcap") is None and kwargs.get("sliding_window") is None
+            and _mask_all_visible(attention_mask)):
+        return dense_gqa_decode(query, key, value, scaling).to(query.dtype), None
     if layer is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
