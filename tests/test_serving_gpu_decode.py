@@ -200,3 +200,22 @@ def test_header_checks_stay_per_request(api_and_files):
     assert item.error is not None and item.error[0] == 400 and item.jpeg is None
     out = api.predict(api.batch([item, api.decode_request(reqs[2])]))
     assert out[0].error[0] == 400 and out[1].error is None and out[1].batch_size == 1
+
+
+def test_gpu_results_prefers_the_newest_machine(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from effllm_lib import results
+    from effllm_lib.serving.experiments import gpu_results
+
+    monkeypatch.setenv("EFFLLM_DATA_DIR", str(tmp_path))
+    assert gpu_results("optimizations") == (None, "", "")
+    results.save(pd.DataFrame({"design": ["naive"], "speedup": [1.0]}), "serving", "optimizations_h100", scale="full")
+    df, suffix, machine = gpu_results("optimizations")
+    assert (suffix, machine) == ("_h100", "H100") and list(df.design) == ["naive"]
+    results.save(pd.DataFrame({"design": ["combined"], "speedup": [2.0]}), "serving", "optimizations_h200", scale="full")
+    df, suffix, machine = gpu_results("optimizations")
+    assert (suffix, machine) == ("_h200", "H200") and list(df.design) == ["combined"]
+    # a CI-scale H200 file never stands in for a committed result
+    results.save(pd.DataFrame({"x": [1]}), "serving", "fair_h200", scale="ci")
+    assert gpu_results("fair") == (None, "", "")

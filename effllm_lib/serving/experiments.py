@@ -201,16 +201,26 @@ def run_pipeline_suite(scale: str = "ci", *, save: bool = False, appendfsync: st
     photos = _images.photos(p["size"])
     imgs = [photos[i % len(photos)][1] for i in range(p["images"])]
     load_before, frames = machine_load(), []
-    with B.RedisServer(appendfsync=appendfsync) as rs:
+    import contextlib
+
+    # redis-server only where a Redis broker is measured (a machine without it can still run the others)
+    with (B.RedisServer(appendfsync=appendfsync) if "redis" in p["brokers"] else contextlib.nullcontext()) as rs:
         for r in range(p["rounds"]):
             for kind in p["brokers"]:
-                df = B.pipeline_frame(B.run_pipeline(kind, imgs, crops=p["crops"], rate=p["rate"], redis_url=rs.url,
-                                                     device=device))
+                df = B.pipeline_frame(B.run_pipeline(kind, imgs, crops=p["crops"], rate=p["rate"],
+                                                     redis_url=rs.url if rs else None, device=device))
                 df["round"] = r
                 frames.append(df)
-        aof_fs = B.filesystem_of(rs.workdir)
+        aof_fs = B.filesystem_of(rs.workdir) if rs else None
     crops = pd.concat(frames, ignore_index=True)
     summary = B.broker_share(crops)
+    if "redis" not in p["brokers"]:
+        out = {"crops": crops, "summary": summary, "claims": pd.DataFrame()}
+        if save:
+            extra = {"load_before": load_before, "load_after": machine_load()}
+            for name, key in (("pipeline_crops", "crops"), ("pipeline_summary", "summary")):
+                results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
+        return out
     redis_share = float(summary.set_index("broker").loc["redis", "broker_share"])
     claims = pd.DataFrame([{"claim_id": "broker_share_pipeline", "ours": round(redis_share, 2), "status": "measured",
                             "reason": f"Redis stream (acknowledged, exactly once by message id, appendfsync "
@@ -513,6 +523,22 @@ def run_routing_suite(scale: str = "ci", *, save: bool = False, log_path: str | 
         for name, key in (("routing_runs", "runs"), ("routing", "summary")):
             results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
     return out
+
+
+# the GPU machines the chapter's device runs were made on, newest first: results files carry the suffix
+GPU_MACHINES = {"_h200": "H200", "_h100": "H100"}
+
+
+def gpu_results(name: str, machines: dict[str, str] | None = None):
+    """The committed full-scale results ``name + suffix`` of the newest GPU machine that has them (``GPU_MACHINES``
+    order), as ``(frame, suffix, machine)``; ``(None, "", "")`` when no machine has them. Notebooks read the
+    H200 run when it has been committed and fall back to the H100 one."""
+    from .. import glue, results
+
+    for suffix, machine in (machines or GPU_MACHINES).items():
+        if results.results_path("serving", name + suffix).is_file():
+            return glue.committed("serving", name + suffix), suffix, machine
+    return None, "", ""
 
 
 def add_server_args(ap) -> None:
