@@ -1,19 +1,22 @@
 """Every serving measurement the chapter needs from the H200 machine, in two device calls of under 9.5 minutes.
 
     PART=1 bash scripts/device_serving_h200.sh      # GPU side, ~7.5 min
-    PART=2 bash scripts/device_serving_h200.sh      # fair comparison, pipeline, broker cost, ~7.5 min
+    PART=2 bash scripts/device_serving_h200.sh      # fair comparison, pipeline, broker cost, ~7 min
+    PART=2 STEPS=durability bash scripts/device_serving_h200.sh   # resume: only the steps named
     python benchmarks/serving_h200.py --part 1 --scale ci     # dry run anywhere (CPU only: GPU parts skipped)
 
 Part 1 (expected minutes in brackets, on the H200 host: 16 cores):
   * ``loaded``: the per-stage breakdown under load with batching (``loaded.run``): decoders Pillow,
     libjpeg-turbo, nvJPEG per request and nvJPEG batched, medium and large photos [3.0];
   * ``optimizations``: the naive design, each optimization alone (pinned memory included), combined, and the
-    GPU-decode designs (``experiments.run_optimizations_suite``), 3 passes of 4 s, servers booted at once [4.5].
+    GPU-decode designs, per request and batched (``experiments.run_optimizations_suite``, ``H200_OPTIMIZATIONS``:
+    12 designs), 3 passes of 4 s, servers booted at once [4.5].
 Part 2:
   * ``fair``: prior-work batching servers vs the optimized designs at equal resources (``fair.run``), servers on
-    cores 0-7, the load generator on 8-15, 4 passes of 6 s [4.5];
+    cores 0-7, the load generator on 8-15, 9 designs (the nvJPEG baseline and the batched-nvJPEG design added),
+    3 passes of 6 s [4.0];
   * ``pipeline``: detector -> broker -> classifier over queue, shared memory and Redis with both DNNs on the GPU
-    (``experiments.run_pipeline_suite``), the broker share [2.0];
+    (``experiments.run_pipeline_suite``, 12 medium photos at 1/s, 4 crops each, 2 rounds), the broker share [2.5];
   * ``durability``: what Redis's appendfsync setting costs a message, append-only files on the disk [0.5].
 
 Each step saves its results with ``--suffix`` (default ``_h200``) through ``results.save`` (at ``--scale ci``
@@ -39,10 +42,14 @@ from effllm_lib.serving import broker, experiments, fair, loaded
 H200_FULL = {
     "loaded": {"duration": 5.0, "passes": 3},
     "optimizations": {"duration": 4.0, "passes": 3, "parallel_boot": True},
-    "fair": {"passes": 4},
+    "fair": {"passes": 3},
 }
+# the optimizations measured on the H200: each alone, combined (2 workers) and the GPU-decode designs; the two
+# "combined, 1 worker" variants of the CPU run are left out to fit the call
+H200_OPTIMIZATIONS = tuple(d for d in experiments.OPTIMIZATIONS if not d.startswith("combined, 1 worker")) + tuple(
+    experiments.GPU_OPTIMIZATIONS)
 PARTS = {1: ("loaded", "optimizations"), 2: ("fair", "pipeline", "durability")}
-ESTIMATE_MIN = {"loaded": 3.0, "optimizations": 4.5, "fair": 4.5, "pipeline": 2.0, "durability": 0.5}
+ESTIMATE_MIN = {"loaded": 3.0, "optimizations": 4.5, "fair": 4.0, "pipeline": 2.5, "durability": 0.5}
 CI_ESTIMATE_MIN = {"loaded": 0.5, "optimizations": 0.5, "fair": 0.5, "pipeline": 0.7, "durability": 0.2}
 
 
@@ -106,7 +113,7 @@ def run_step(name: str, *, scale: str, suffix: str, gpu: bool, redis: bool, serv
                          for _, r in b.iterrows())
     if name == "optimizations":
         with scale_table(experiments.OPT_SCALES, scale, H200_FULL["optimizations"] if full else {}):
-            configs = None if full else ("naive", "pinned host memory", "combined") + (
+            configs = H200_OPTIMIZATIONS if full else ("naive", "pinned host memory", "combined") + (
                 ("combined, GPU decode", "combined, batched GPU decode") if gpu else ())
             out = experiments.run_optimizations_suite(scale, save=True, server=server, tag=suffix, configs=configs)
         s = out["summary"]

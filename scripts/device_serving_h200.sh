@@ -4,7 +4,8 @@
 #   run from the repository root on the device machine, after the wheels are installed (see the report / the
 #   chapter's device notes):
 #     PART=1 bash scripts/device_serving_h200.sh    # ~7.5 min: breakdown under load, optimizations (GPU side)
-#     PART=2 bash scripts/device_serving_h200.sh    # ~7.5 min: fair comparison, two-DNN pipeline, Redis durability
+#     PART=2 bash scripts/device_serving_h200.sh    # ~7 min: fair comparison, two-DNN pipeline, Redis durability
+#     PART=2 STEPS=pipeline,durability bash ...      # resume: only the steps named
 #   dry run on a machine without CUDA (GPU designs skipped with a message, results under data/results/serving/ci/):
 #     PART=1 SCALE=ci bash scripts/device_serving_h200.sh
 #
@@ -47,7 +48,8 @@ else
 fi
 [ -d "$EFFLLM_CACHE/assets/wallpapers" ] || echo "WARNING: $EFFLLM_CACHE/assets/wallpapers is missing (carry it)" | tee -a "$LOG"
 
-python3 benchmarks/serving_h200.py --part "$PART" --scale "$SCALE" --suffix "$SUFFIX" 2>&1 | tee -a "$LOG"
+python3 benchmarks/serving_h200.py --part "$PART" --scale "$SCALE" --suffix "$SUFFIX" ${STEPS:+--steps "$STEPS"} \
+  2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 
 # this part's results files (7 at most) beside the log
