@@ -142,9 +142,14 @@ def run_step(name: str, *, scale: str, suffix: str, gpu: bool, redis: bool, serv
     if name == "durability":
         if not redis:
             return "SKIPPED: redis-server is not available"
-        os.makedirs(".durability-aof", exist_ok=True)  # the append-only files on the disk, not on tmpfs
-        out = experiments.run_durability_suite(scale, save=True, workdir=os.path.abspath(".durability-aof"),
-                                               tag=suffix)
+        import shutil
+        import tempfile
+
+        workdir = tempfile.mkdtemp(prefix=".durability-aof-", dir=".")  # on the tree's disk, not on a tmpfs
+        try:
+            out = experiments.run_durability_suite(scale, save=True, workdir=os.path.abspath(workdir), tag=suffix)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
         s = out["summary"]
         return "; ".join(f"{r.appendfsync} ({r.filesystem}): {r.message_p50_us:.0f} us/message" for _, r in s.iterrows())
     raise ValueError(f"unknown step {name!r}")

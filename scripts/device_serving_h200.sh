@@ -12,7 +12,7 @@
 # Needs (git-ignored, carried): .whl (litserve and friends, redis, simplejpeg), .device-carry/deb (redis-server and
 # its libraries, unpacked here with dpkg -x), .devcache/assets/wallpapers (the photographs) and
 # .devcache/assets/mobilenet-v2 (the pipeline's ImageNet weights). Copies the part's results files and its log to
-# $OUT (at most 8 files).
+# $OUT (at most 8 files; a file over 2 MB gzipped: gunzip it into data/results/serving/).
 set -uo pipefail
 PART=${PART:?set PART=1 or PART=2}
 SCALE=${SCALE:-full}
@@ -61,7 +61,9 @@ dir=data/results/serving
 [ "$SCALE" = full ] || dir=data/results/serving/ci
 for n in $names; do
   f="$dir/$n$SUFFIX.csv"
-  if [ -f "$f" ]; then cp "$f" "$OUT/"; else echo "not written: $f" | tee -a "$LOG"; fi
+  if [ ! -f "$f" ]; then echo "not written: $f" | tee -a "$LOG"
+  elif [ "$(stat -c %s "$f")" -gt 2000000 ]; then gzip -c "$f" > "$OUT/$(basename "$f").gz"  # per-request rows
+  else cp "$f" "$OUT/"; fi
 done
 ls -la "$OUT"
 exit "$rc"
