@@ -467,9 +467,9 @@ class VisionAPI(ls.LitAPI):
         self.batch_decoder = None  # callable(list of uint8 tensors, device) -> list of CHW tensors; default nvJPEG
 
     def setup(self, device):
-        if device.startswith("cpu"):
-            # one intra-op thread: on a shared 2-core box more threads spin against each other
-            torch.set_num_threads(self.threads)
+        # ``threads`` intra-op threads on any device: a CUDA worker still normalizes and stacks on the host, and
+        # torch's default (one thread per core) in every worker makes them spin against each other
+        torch.set_num_threads(self.threads)
         self.dev = torch.device(device)
         if self.pre.decoder == "nvjpeg" and self.batch_decoder is None:
             # fails here, naming torchvision or CUDA, rather than as a 400 for every request
