@@ -46,6 +46,25 @@ if command -v redis-server >/dev/null 2>&1; then
 else
   echo "redis-server not found: the Redis parts are skipped" | tee -a "$LOG"
 fi
+# fail in seconds, not minutes, when a carried wheel or the GPU stack is missing
+python3 - <<'PY' 2>&1 | tee -a "$LOG" || { echo "missing Python packages (install the .whl wheels first)"; exit 3; }
+import importlib, sys
+missing = []
+for m in ("litserve", "fastapi", "uvicorn", "python_multipart", "zmq", "simplejpeg", "redis", "prometheus_client",
+          "pandas", "torch"):
+    try:
+        importlib.import_module(m)
+    except Exception as exc:  # noqa: BLE001
+        missing.append(f"{m} ({type(exc).__name__}: {exc})")
+try:
+    import torchvision, torch
+    print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, cuda {torch.cuda.is_available()}")
+except Exception as exc:  # noqa: BLE001
+    print(f"torchvision not importable ({exc}): the GPU decode designs will be skipped")
+if missing:
+    print("missing: " + "; ".join(missing))
+    sys.exit(1)
+PY
 [ -d "$EFFLLM_CACHE/assets/wallpapers" ] || echo "WARNING: $EFFLLM_CACHE/assets/wallpapers is missing (carry it)" | tee -a "$LOG"
 
 python3 benchmarks/serving_h200.py --part "$PART" --scale "$SCALE" --suffix "$SUFFIX" ${STEPS:+--steps "$STEPS"} \
