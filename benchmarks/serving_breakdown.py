@@ -23,12 +23,11 @@ def main():
     ap.add_argument("--scale", choices=sorted(experiments.SCALES), default="ci")
     ap.add_argument("--no-save", action="store_true")
     ap.add_argument("--log", default=None, help="server log file")
-    ap.add_argument("--decoder", default=None, help="pil, opencv, turbo (simplejpeg) or nvjpeg (CUDA only)")
     ap.add_argument("--tag", default="", help="suffix for the results names, e.g. _h100")
     ap.add_argument("--models", default=None, help="comma-separated subset of the scale's models")
     experiments.add_server_args(ap)
     args = ap.parse_args()
-    server = experiments.server_overrides(args, decoder=args.decoder)
+    server = experiments.server_overrides(args)  # --decoder pil, opencv, turbo or nvjpeg (CUDA only)
     out = experiments.run_breakdown_suite(args.scale, save=not args.no_save, log_path=args.log, server=server,
                                           tag=args.tag, models=args.models.split(",") if args.models else None)
     print(out["breakdown"].round(2).to_string())

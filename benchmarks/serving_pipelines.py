@@ -22,6 +22,7 @@ if __name__ == "__main__":
     ap.add_argument("--tag", default="", help="suffix of the results names, e.g. _h200")
     ap.add_argument("--durability", action="store_true", help="measure the cost of each appendfsync setting")
     ap.add_argument("--redis-dir", default=None, help="folder for the append-only files of --durability")
+    ap.add_argument("--device", default="cpu", help="where both DNNs run (cpu, or cuda on the GPU machine)")
     args = ap.parse_args()
     if args.durability:
         out = experiments.run_durability_suite(args.scale, save=not args.no_save, workdir=args.redis_dir,
@@ -29,6 +30,6 @@ if __name__ == "__main__":
         print(out["summary"].round(1).to_string())
     else:
         out = experiments.run_pipeline_suite(args.scale, save=not args.no_save, appendfsync=args.appendfsync,
-                                             tag=args.tag)
+                                             tag=args.tag, device=args.device)
         print(out["summary"].round(2).to_string())
         print(out["claims"].to_string())

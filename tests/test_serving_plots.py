@@ -145,3 +145,27 @@ def test_committed_fair_and_accuracy_figures_draw():
     fig = plots.reduced_decode_accuracy(acc)
     assert list(fig.axes[1].lines[0].get_ydata()) == list(acc.change_pp.dropna())
     assert "lower bound" in fig.axes[1].texts[0].get_text()
+
+
+def test_loaded_breakdown_one_panel_per_size_bars_sum_the_stages():
+    import pandas as pd
+
+    bd = results.load("serving", "breakdown")
+    mn = bd[(bd.model == "mobilenet_v2") & bd["size"].isin(["medium", "large"])]
+    frames = []
+    for k, d in enumerate(["pil", "nvjpeg, batched"]):
+        f = mn.copy()
+        f["decoder"], f["throughput_rps"] = d, 10.0 * (k + 1)
+        frames.append(f)
+    loaded = pd.concat(frames, ignore_index=True)
+    fig = plots.loaded_breakdown(loaded, "H200")
+    assert len(fig.axes) == 2
+    assert labels(fig.axes[0]) == ("median latency per stage (ms)", "decoder")
+    bars = fig.axes[1].patches  # large photos
+    assert len(bars) == 2 * len(profiler.STAGES)
+    large = mn.set_index("size").loc["large"]
+    for row in (0, 1):
+        end = max(b.get_x() + b.get_width() for b in bars if round(b.get_y() + b.get_height() / 2) == row)
+        assert end == pytest.approx(sum(large[f"{s}_ms"] for s in profiler.STAGES))
+    texts = [t.get_text() for t in fig.axes[1].texts]
+    assert texts == ["10 req/s", "20 req/s"]

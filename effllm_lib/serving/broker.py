@@ -472,8 +472,9 @@ def digest_handler(work: float = 0.0):
     return handle
 
 
-def classifier_handler(threads: int = 1):
-    """Stage 2 of the pipeline: MobileNetV2 on the crop; ``classified`` stamps when it finished."""
+def classifier_handler(threads: int = 1, device: str = "cpu"):
+    """Stage 2 of the pipeline: MobileNetV2 on the crop (on ``device``); ``classified`` stamps when it finished
+    (``int`` of the label waits for the GPU)."""
     import torch
 
     from . import preprocess as pp
@@ -481,11 +482,13 @@ def classifier_handler(threads: int = 1):
 
     torch.set_num_threads(threads)
     net, spec = build("mobilenet_v2")
+    net.to(device)
     with torch.inference_mode():
-        net(torch.zeros(1, 3, *spec.input_size))
+        net(torch.zeros(1, 3, *spec.input_size, device=device))
 
     def handle(msg):
-        x = pp.normalize(torch.from_numpy(np.array(msg.array)).permute(2, 0, 1), spec.mean, spec.std)
+        x = torch.from_numpy(np.array(msg.array)).permute(2, 0, 1).to(device)
+        x = pp.normalize(x, spec.mean, spec.std)
         with torch.inference_mode():
             label = int(net(x[None])[0].argmax())
         return {"classified": now(), "label": label}
@@ -509,9 +512,10 @@ def _crops(img, boxes, k: int, size=(224, 224)):
 
 
 def run_pipeline(kind: str, images: list[bytes], *, crops: int = 4, rate: float = 1.0, redis_url: str | None = None,
-                 timeout: float = 300.0) -> list[dict]:
+                 timeout: float = 300.0, device: str = "cpu") -> list[dict]:
     """Detector (this process) -> broker -> classifier (a thread for ``queue``, a spawned process for
-    ``shm`` and ``redis``), images arriving at ``rate`` per second. One record per crop, with stamps:
+    ``shm`` and ``redis``), images arriving at ``rate`` per second, both DNNs on ``device`` (the photo is
+    decoded and the crops cut on the host either way). One record per crop, with stamps:
     start (image taken), p0 (crop ready), p1 (put returned), c0 (consumer asked), c1 (consumer has the
     array), classified. Every crop gets an id (``image:crop``); the run ends when every accepted id has
     its result."""
@@ -526,26 +530,29 @@ def run_pipeline(kind: str, images: list[bytes], *, crops: int = 4, rate: float 
     broker = make_broker(kind, redis_url)
     if kind == "queue":
         out, ready, stop = None, queue.Queue(), threading.Event()
-        worker = threading.Thread(target=run_consumer, args=(broker, classifier_handler, stop, ready), daemon=True)
+        worker = threading.Thread(target=run_consumer, args=(broker, classifier_handler, stop, ready),
+                                  kwargs={"device": device}, daemon=True)
     else:
         ctx = get_context("spawn")
         ready, stop = ctx.Queue(), ctx.Event()
-        worker = ctx.Process(target=run_consumer, args=(broker, classifier_handler, stop, ready), daemon=True)
+        worker = ctx.Process(target=run_consumer, args=(broker, classifier_handler, stop, ready),
+                             kwargs={"device": device}, daemon=True)
     worker.start()
     try:
         ready.get(timeout=120)
         producer = broker.connect() if kind == "redis" else broker
         net, spec = build("detection")
-        anchors = net.anchors(spec.input_size)
+        net.to(device)
+        anchors = net.anchors(spec.input_size).to(device)
         with torch.inference_mode():
-            net(torch.zeros(1, 3, *spec.input_size))
+            net(torch.zeros(1, 3, *spec.input_size, device=device))
         put_times = {}
         t_next = now()
         for i, data in enumerate(images):
             t_next += 1.0 / rate
             start = now()
             img = pp.decode(data, "pil")
-            x = pp.normalize(pp.to_uint8_chw(pp.resize(img, spec.input_size)), spec.mean, spec.std)
+            x = pp.normalize(pp.to_uint8_chw(pp.resize(img, spec.input_size)).to(device), spec.mean, spec.std)
             with torch.inference_mode():
                 deltas, logits = net(x[None])
             dets = detect(deltas[0], logits[0], anchors, img.size, score_threshold=0.0, max_out=crops)

@@ -186,34 +186,47 @@ PIPELINE_SCALES = {
 }
 
 
-def run_pipeline_suite(scale: str = "ci", *, save: bool = False, appendfsync: str = "always", tag: str = "") -> dict:
+def run_pipeline_suite(scale: str = "ci", *, save: bool = False, appendfsync: str = "always", tag: str = "",
+                       device: str = "cpu") -> dict:
     """Detector -> classifier over each broker; per-crop spans, per-broker medians and the claim row.
     ``appendfsync`` is the Redis durability setting (``always``: an accepted crop survives a broker crash);
-    ``tag`` suffixes the results names (claims are saved only untagged)."""
+    ``device`` runs both DNNs there (``cuda`` on the GPU machine); ``tag`` suffixes the results names (claims
+    are saved only untagged)."""
     from .. import results
     from . import broker as B
 
     if scale not in PIPELINE_SCALES:
         raise ValueError(f"scale must be one of {', '.join(PIPELINE_SCALES)}")
-    p = {**PIPELINE_SCALES[scale], "appendfsync": appendfsync}
+    p = {**PIPELINE_SCALES[scale], "appendfsync": appendfsync, "device": device}
     photos = _images.photos(p["size"])
     imgs = [photos[i % len(photos)][1] for i in range(p["images"])]
     load_before, frames = machine_load(), []
-    with B.RedisServer(appendfsync=appendfsync) as rs:
+    import contextlib
+
+    # redis-server only where a Redis broker is measured (a machine without it can still run the others)
+    with (B.RedisServer(appendfsync=appendfsync) if "redis" in p["brokers"] else contextlib.nullcontext()) as rs:
         for r in range(p["rounds"]):
             for kind in p["brokers"]:
-                df = B.pipeline_frame(B.run_pipeline(kind, imgs, crops=p["crops"], rate=p["rate"], redis_url=rs.url))
+                df = B.pipeline_frame(B.run_pipeline(kind, imgs, crops=p["crops"], rate=p["rate"],
+                                                     redis_url=rs.url if rs else None, device=device))
                 df["round"] = r
                 frames.append(df)
-        aof_fs = B.filesystem_of(rs.workdir)
+        aof_fs = B.filesystem_of(rs.workdir) if rs else None
     crops = pd.concat(frames, ignore_index=True)
     summary = B.broker_share(crops)
+    if "redis" not in p["brokers"]:
+        out = {"crops": crops, "summary": summary, "claims": pd.DataFrame()}
+        if save:
+            extra = {"load_before": load_before, "load_after": machine_load()}
+            for name, key in (("pipeline_crops", "crops"), ("pipeline_summary", "summary")):
+                results.save(out[key], "serving", name + tag, params=p, scale=scale, extra=extra)
+        return out
     redis_share = float(summary.set_index("broker").loc["redis", "broker_share"])
     claims = pd.DataFrame([{"claim_id": "broker_share_pipeline", "ours": round(redis_share, 2), "status": "measured",
                             "reason": f"Redis stream (acknowledged, exactly once by message id, appendfsync "
                                       f"{appendfsync}) between a MobileNetV2-SSDLite-like detector and a "
                                       f"MobileNetV2 classifier, {p['crops']} crops of 224x224 per {p['size']} photo, "
-                                      f"median over crops, CPU"}])
+                                      f"median over crops, DNNs on {device.upper()}"}])
     out = {"crops": crops, "summary": summary, "claims": claims}
     if save:
         extra = {"load_before": load_before, "load_after": machine_load(), "aof_filesystem": aof_fs}
@@ -274,11 +287,14 @@ OPTIMIZATIONS = {
     "combined, 1 worker, decode pool of 2": {"max_batch_size": 8, "reduced": True, "normalize_on": "device",
                                              "pin_memory": True, "decode_pool": 2},
 }
-# On a CUDA server: the JPEG bytes go to the GPU and nvJPEG decodes and resizes there (torchvision.io).
+# On a CUDA server: the JPEG bytes go to the GPU and nvJPEG decodes and resizes there (torchvision.io), one
+# request at a time in the worker, or (batched) the whole batch in one call, the pixels never on the host.
 GPU_OPTIMIZATIONS = {
     "nvJPEG decode + resize on the GPU": {"decoder": "nvjpeg", "pin_memory": True},
     "combined, GPU decode": {"max_batch_size": 8, "decoder": "nvjpeg", "normalize_on": "device", "pin_memory": True,
                              "workers": 2},
+    "combined, batched GPU decode": {"max_batch_size": 8, "decoder": "nvjpeg", "batch_decode": True,
+                                     "normalize_on": "device", "pin_memory": True, "workers": 2},
 }
 OPT_SCALES = {
     "ci": {"configs": ("naive", "combined"), "size": "small", "per_size": 2, "concurrency": 8, "duration": 2.0,
@@ -360,9 +376,12 @@ def run_optimizations_suite(scale: str = "ci", *, save: bool = False, log_path: 
     imgs = _images.photos(p["size"], p["per_size"])
     load_before = machine_load()
     with contextlib.ExitStack() as stack:
+        procs = {name: ServerProcess(ServerConfig(**{**NAIVE, **(server or {}), **designs[name]}), log_path=log_path)
+                 for name in p["configs"]}
+        if p.get("parallel_boot"):  # many cores: boot every server at once, then warm up and pause each in turn
+            _launch(stack, procs.values())
         servers = {}
-        for name in p["configs"]:
-            proc = ServerProcess(ServerConfig(**{**NAIVE, **(server or {}), **designs[name]}), log_path=log_path)
+        for name, proc in procs.items():
             _start_paused(stack, [proc], proc.url, imgs)
             servers[name] = ([proc], proc.url)
         rows = _interleaved_passes(servers, imgs, passes=p["passes"], concurrency=p["concurrency"],
@@ -506,9 +525,32 @@ def run_routing_suite(scale: str = "ci", *, save: bool = False, log_path: str | 
     return out
 
 
+# the GPU machines the chapter's device runs were made on, newest first: results files carry the suffix
+GPU_MACHINES = {"_h200": "H200", "_h100": "H100"}
+
+
+def gpu_results(name: str, machines: dict[str, str] | None = None):
+    """The committed full-scale results ``name + suffix`` of the newest GPU machine that has them (``GPU_MACHINES``
+    order), as ``(frame, suffix, machine)``; ``(None, "", "")`` when no machine has them. Notebooks read the
+    H200 run when it has been committed and fall back to the H100 one."""
+    from .. import glue, results
+
+    for suffix, machine in (machines or GPU_MACHINES).items():
+        if results.results_path("serving", name + suffix).is_file():
+            return glue.committed("serving", name + suffix), suffix, machine
+    return None, "", ""
+
+
 def add_server_args(ap) -> None:
-    """The server options every serving benchmark takes: ``--accelerator``, ``--random-weights``, ``--lenient-jpeg``."""
+    """The server options every serving benchmark takes: ``--accelerator``, ``--decoder``, ``--batch-decode``,
+    ``--random-weights``, ``--lenient-jpeg``."""
+    from .preprocess import DECODERS
+
     ap.add_argument("--accelerator", default=None, choices=("cpu", "cuda"))
+    ap.add_argument("--decoder", default=None, choices=DECODERS,
+                    help="JPEG decoder of the servers whose design does not set one (nvjpeg: on the GPU, CUDA only)")
+    ap.add_argument("--batch-decode", action="store_true",
+                    help="with --decoder nvjpeg: decode each batch in one nvJPEG call on the GPU (CUDA only)")
     ap.add_argument("--random-weights", action="store_true",
                     help="never look for checkpoints (timing does not depend on weights; for offline machines)")
     ap.add_argument("--lenient-jpeg", action="store_true",
@@ -516,8 +558,14 @@ def add_server_args(ap) -> None:
 
 
 def server_overrides(args, **extra) -> dict | None:
-    """The server settings those options ask for (plus any non-empty ``extra``), or None for the defaults."""
-    server = {k: v for k, v in (("accelerator", args.accelerator), *extra.items()) if v}
+    """The server settings those options ask for (plus any non-empty ``extra``), or None for the defaults.
+    ``--batch-decode`` needs ``--accelerator cuda`` and ``--decoder nvjpeg`` (ValueError otherwise)."""
+    server = {k: v for k, v in (("accelerator", args.accelerator), ("decoder", getattr(args, "decoder", None)),
+                                *extra.items()) if v}
+    if getattr(args, "batch_decode", False):
+        if server.get("accelerator") != "cuda" or server.get("decoder") != "nvjpeg":
+            raise ValueError("--batch-decode decodes on the GPU: it needs --accelerator cuda and --decoder nvjpeg")
+        server["batch_decode"] = True
     if args.lenient_jpeg:
         server["strict_jpeg"] = False
     if args.random_weights:

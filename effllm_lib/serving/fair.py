@@ -11,8 +11,8 @@ normalization on the host):
   decode, float normalize on the host, pageable memory;
 * ``prior work: batching, libjpeg-turbo``: the same with the faster libjpeg-turbo binding (simplejpeg) and
   pinned memory, the strongest CPU-decoding baseline we can build;
-* on a CUDA server also ``prior work: batching, nvJPEG``: the JPEG decoded and resized on the GPU (what
-  NVIDIA DALI does for Triton).
+* on a CUDA server also ``prior work: batching, nvJPEG``: the JPEG decoded and resized on the GPU, request by
+  request (what NVIDIA DALI does for Triton).
 
 The optimized designs use the same batching and the same inference workers:
 
@@ -22,7 +22,9 @@ The optimized designs use the same batching and the same inference workers:
   extra cost (Pillow's needs a separate entropy-decoding pass, ``preprocess.check_scan``), so the comparison with
   the libjpeg-turbo baseline differs only in the optimizations;
 * ``optimized: combined + decode pool``: the same, with decoding in a pool of ``workers`` processes in the
-  HTTP server, overlapped with inference.
+  HTTP server, overlapped with inference;
+* on a CUDA server also ``optimized: batched nvJPEG on the GPU``: each batch decoded in one nvJPEG call, resized
+  and normalized on the GPU (``ServerConfig.batch_decode``), the pixels never on the host.
 
 Two references place them: ``naive`` (the old comparison's baseline: no batching, one worker) and
 ``ceiling: pre-decoded pixels`` (the batching server fed pixels the client already decoded and resized: what
@@ -56,6 +58,9 @@ BASELINES = {
     "prior work: batching, libjpeg-turbo": {"decoder": "turbo", "normalize_on": "host", "pin_memory": True},
 }
 GPU_BASELINES = {"prior work: batching, nvJPEG": {"decoder": "nvjpeg", "normalize_on": "device", "pin_memory": True}}
+# on a CUDA server: the batch decoded in one nvJPEG call, resized and normalized on the GPU (ServerConfig.batch_decode)
+GPU_OPTIMIZED = {"optimized: batched nvJPEG on the GPU": {"decoder": "nvjpeg", "batch_decode": True,
+                                                          "normalize_on": "device", "pin_memory": True}}
 _COMBINED = {k: v for k, v in OPTIMIZATIONS["combined"].items() if k not in ("workers", "max_batch_size")}
 OPTIMIZED = {
     "optimized: combined": dict(_COMBINED),
@@ -69,7 +74,7 @@ REFERENCES = {
     "ceiling: pre-decoded pixels": {"decoder": "pil", "normalize_on": "device", "pin_memory": True,
                                     "allow_pixels": True},
 }
-ROLE = {**{k: "baseline" for k in (*BASELINES, *GPU_BASELINES)}, **{k: "optimized" for k in OPTIMIZED},
+ROLE = {**{k: "baseline" for k in (*BASELINES, *GPU_BASELINES)}, **{k: "optimized" for k in (*OPTIMIZED, *GPU_OPTIMIZED)},
         **{k: "reference" for k in REFERENCES}}
 
 SCALES = {
@@ -121,7 +126,7 @@ class PinnedServerProcess(ServerProcess):
 def design_config(name: str, *, batch: int, workers: int, threads: int, server: dict | None = None) -> ServerConfig:
     """The ``ServerConfig`` of a design at the run's batch size, workers and threads (``server`` overrides
     fields, e.g. the accelerator, but never the design's own settings)."""
-    spec = {**BASELINES, **GPU_BASELINES, **OPTIMIZED, **REFERENCES}
+    spec = {**BASELINES, **GPU_BASELINES, **OPTIMIZED, **GPU_OPTIMIZED, **REFERENCES}
     if name not in spec:
         raise ValueError(f"unknown design {name!r}; expected one of {list(spec)}")
     # the run's settings (accelerator, weights) first: the design's own (NAIVE's keys) always win
@@ -192,6 +197,8 @@ def run(scale: str = "ci", *, save: bool = False, claims: bool = False, server: 
     names = list(designs or p["designs"])
     if (server or {}).get("accelerator") == "cuda" and not designs:
         names[len(BASELINES):len(BASELINES)] = list(GPU_BASELINES)
+        at = len(BASELINES) + len(GPU_BASELINES) + len([n for n in names if n in OPTIMIZED])
+        names[at:at] = list(GPU_OPTIMIZED)
     p["designs"] = tuple(names)
     scpus, ccpus = parse_cpus(server_cpus), parse_cpus(client_cpus)
     p.update(server_cpus=list(scpus) if scpus else "all", client_cpus=list(ccpus) if ccpus else "all")

@@ -6,7 +6,8 @@ dynamic-batching server (``batch``, ``workers``) saturated for ``duration`` seco
 and each request's stamps give its spans (``profiler.STAGES``): under load ``queue`` (waiting for a worker and
 for the requests ahead of it in the batch to be preprocessed) and ``batch_wait`` grow, and the preprocessing
 share of the stage medians says how much of the busy server's time goes to data processing and movement.
-On a CUDA server the decoders include ``nvjpeg`` (decode and resize on the GPU).
+On a CUDA server the decoders include ``nvjpeg`` (decode and resize on the GPU, request by request in the
+worker) and ``nvjpeg, batched`` (the whole batch in one nvJPEG call, ``ServerConfig.batch_decode``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,11 @@ from . import images as _images
 from . import loadgen, profiler
 from .experiments import machine_load
 from .server import ServerConfig, ServerProcess
+
+# decoder label -> the server settings it stands for
+DECODE_DESIGNS = {"pil": {"decoder": "pil"}, "opencv": {"decoder": "opencv"}, "turbo": {"decoder": "turbo"},
+                  "nvjpeg": {"decoder": "nvjpeg"}, "nvjpeg, batched": {"decoder": "nvjpeg", "batch_decode": True}}
+GPU_DECODERS = ("nvjpeg", "nvjpeg, batched")
 
 SCALES = {
     "ci": {"decoders": ("pil",), "sizes": ("small",), "per_size": 2, "batch": 8, "workers": 1, "concurrency": 8,
@@ -41,11 +47,15 @@ def run(scale: str = "ci", *, save: bool = False, server: dict | None = None, ta
         raise ValueError(f"scale must be one of {', '.join(SCALES)}")
     p = dict(SCALES[scale])
     cuda = (server or {}).get("accelerator") == "cuda"
-    p["decoders"] = tuple(decoders or (p["decoders"] + (("nvjpeg",) if cuda else ())))
-    if "nvjpeg" in p["decoders"] and not cuda:
-        raise ValueError("the nvjpeg decoder needs a CUDA server (accelerator='cuda')")
+    p["decoders"] = tuple(decoders or (p["decoders"] + (GPU_DECODERS if cuda else ())))
+    unknown = [d for d in p["decoders"] if d not in DECODE_DESIGNS]
+    if unknown:
+        raise ValueError(f"unknown decoders {unknown}; expected some of {list(DECODE_DESIGNS)}")
+    if set(p["decoders"]) & set(GPU_DECODERS) and not cuda:
+        raise ValueError("the nvjpeg decoders need a CUDA server (accelerator='cuda')")
     imgs = {s: _images.photos(s, p["per_size"]) for s in p["sizes"]}
-    cfgs = {d: ServerConfig(**{**(server or {}), "decoder": d, "max_batch_size": p["batch"], "workers": p["workers"]})
+    base = {k: v for k, v in (server or {}).items() if k not in ("decoder", "batch_decode")}
+    cfgs = {d: ServerConfig(**{**base, **DECODE_DESIGNS[d], "max_batch_size": p["batch"], "workers": p["workers"]})
             for d in p["decoders"]}
     load_before, t0, frames, tput = machine_load(), time.time(), [], []
     with contextlib.ExitStack() as stack:

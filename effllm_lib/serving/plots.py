@@ -190,3 +190,25 @@ def reduced_decode_accuracy(summary: pd.DataFrame) -> plt.Figure:
                      f"exact 95% lower bound {lo:.0f}%", transform=axes[1].transAxes, fontsize="x-small")
     fig.tight_layout()
     return fig
+
+
+def loaded_breakdown(bd: pd.DataFrame, where: str) -> plt.Figure:
+    """The breakdown under load (``loaded.run``): stacked stage medians per decoder, one panel per image size,
+    with each bar labelled by the throughput it served."""
+    sizes = [s for s in SIZES if s in set(bd["size"])]
+    decoders = list(dict.fromkeys(bd.decoder))
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes) + 2.5, 0.5 * len(decoders) + 1.8),
+                             sharey=True, squeeze=False)
+    for ax, size in zip(axes[0], sizes):
+        rows = bd[bd["size"] == size].set_index("decoder").loc[[d for d in decoders if d in set(bd.decoder)]]
+        left = pd.Series(0.0, index=rows.index)
+        for color, stage in zip(sns.color_palette("tab10", len(profiler.STAGES)), profiler.STAGES):
+            ax.barh(rows.index, rows[f"{stage}_ms"], left=left, color=color, label=stage)
+            left += rows[f"{stage}_ms"]
+        for i, (d, r) in enumerate(rows.iterrows()):
+            ax.annotate(f"{r.throughput_rps:.0f} req/s", (left[d], i), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize="small")
+        figures.label(ax, "median latency per stage (ms)", "decoder", f"{size} photos under load: {where}")
+    axes[0][0].legend(ncol=5, fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.35))
+    fig.tight_layout()
+    return fig

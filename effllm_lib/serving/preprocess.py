@@ -5,10 +5,11 @@ CHW) -> host-to-device copy (``to_device``, done per batch by the server).
 
 Decoders: ``pil`` (Pillow, libjpeg-turbo), ``opencv`` (cv2.imdecode), ``turbo`` (libjpeg-turbo's TurboJPEG
 API through simplejpeg) and ``nvjpeg`` (torchvision.io on a CUDA device; the device machine has it, this CPU
-box does not). ``reduced=True`` asks the JPEG decoder to scale by 1/2, 1/4 or 1/8 in the DCT domain
-(Pillow's ``draft``, OpenCV's ``IMREAD_REDUCED_COLOR_k``, simplejpeg's ``min_height``/``min_width``): it
-never produces fewer pixels than the resize needs, so it is an optimization, not a quality change
-beyond the resize itself.
+box does not); ``decode_batch_isolated`` decodes a whole batch in one nvJPEG call and, when that call fails,
+finds the bad image by decoding one at a time. ``reduced=True`` asks the JPEG decoder to scale by 1/2, 1/4 or
+1/8 in the DCT domain (Pillow's ``draft``, OpenCV's ``IMREAD_REDUCED_COLOR_k``, simplejpeg's
+``min_height``/``min_width``): it never produces fewer pixels than the resize needs, so it is an optimization,
+not a quality change beyond the resize itself.
 
 Strict decoding: libjpeg *recovers* from a damaged scan (a file cut short and closed with an end-of-image
 marker decodes, the missing blocks grey) and only issues a warning ("premature end of data segment"),
@@ -155,14 +156,78 @@ def decode(data: bytes, decoder: str = "pil", *, target: tuple[int, int] | None 
                 raise BadImage(400, "corrupt JPEG: OpenCV could not decode it")
             return cv2.cvtColor(arr, cv2.COLOR_BGR2RGB)
         # nvjpeg through torchvision: the compressed bytes go to the GPU, the pixels never visit the host
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+        decode_jpeg, mode = _torchvision_jpeg(device)
+        return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode, device=device)
     except BadImage:
         raise
-    except (OSError, SyntaxError, ValueError, RuntimeError) as exc:
+    except RuntimeError as exc:
+        if str(exc).startswith(NVJPEG_MISSING):  # the server's fault, not the image's
+            raise
         raise BadImage(400, f"corrupt JPEG: {exc}") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise BadImage(400, f"corrupt JPEG: {exc}") from None
+
+
+# ------------------------------------------------------------------------------------ batched GPU decode
+NVJPEG_MISSING = ("GPU JPEG decoding (decoder 'nvjpeg') needs torchvision with CUDA (torchvision.io.decode_jpeg "
+                  "on a CUDA device, nvJPEG), which is not available here")
+
+
+def _torchvision_jpeg(device):
+    """(torchvision.io.decode_jpeg, ImageReadMode.RGB), imported here and not at module import: torchvision is on
+    the GPU machine's image but cannot be installed beside a CPU build of torch, so a box without it gets a
+    RuntimeError naming what is missing instead of an ImportError at start-up (or a 400 for every request)."""
+    try:
+        from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a torchvision built for another torch
+        raise RuntimeError(f"{NVJPEG_MISSING}: importing torchvision.io failed ({type(exc).__name__}: {exc})") \
+            from None
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise RuntimeError(f"{NVJPEG_MISSING}: it needs a CUDA device (got {str(device)!r}, "
+                           f"torch.cuda.is_available() is {torch.cuda.is_available()})")
+    return decode_jpeg, ImageReadMode.RGB
+
+
+def nvjpeg_batch_decoder(device: str | torch.device = "cuda"):
+    """torchvision's batched nvJPEG decode as ``decode(list of 1-D uint8 CPU tensors, device) -> list of CHW uint8
+    tensors on device`` (one call for the whole batch); RuntimeError naming the missing piece where torchvision
+    or CUDA is not available."""
+    decode_jpeg, mode = _torchvision_jpeg(device)
+
+    def decode_batch(raws: list[torch.Tensor], device) -> list[torch.Tensor]:
+        return list(decode_jpeg(raws, mode=mode, device=device))
+
+    return decode_batch
+
+
+def decode_batch_isolated(datas: list[bytes], decode_batch, device) -> list:
+    """Decode the JPEGs ``datas`` in one call of ``decode_batch`` (``nvjpeg_batch_decoder``); if that call raises
+    (nvJPEG fails a whole batch for one bad image) or returns the wrong number of images, decode them one at a
+    time so that only the images that fail alone fail. Returns, per image, its CHW uint8 tensor or the
+    ``BadImage(400)`` its request gets."""
+    raws = [torch.frombuffer(bytearray(d), dtype=torch.uint8) for d in datas]
+    if not raws:
+        return []
+    try:
+        out = list(decode_batch(raws, device))
+        if len(out) == len(raws) and all(_is_chw3(x) for x in out):
+            return out
+    except Exception:  # noqa: BLE001 - which image is to blame is found below, one at a time
+        pass
+    results = []
+    for raw in raws:
+        try:
+            (img,) = decode_batch([raw], device)
+            if not _is_chw3(img):
+                raise ValueError(f"decoded to shape {tuple(getattr(img, 'shape', ()))}, expected (3, H, W)")
+            results.append(img)
+        except Exception as exc:  # noqa: BLE001 - decoding only this request's bytes raised
+            results.append(BadImage(400, f"corrupt JPEG: nvJPEG could not decode it: {type(exc).__name__}: {exc}"[:500]))
+    return results
+
+
+def _is_chw3(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.dim() == 3 and x.shape[0] == 3 and x.dtype == torch.uint8
 
 
 # ------------------------------------------------------------------------------------------------- resize
@@ -237,7 +302,9 @@ class PreprocessConfig:
     device); ``"device"`` keeps uint8 until after the copy (1 byte a pixel) and normalizes the batch there.
     ``pin_memory`` stages each batch in page-locked host memory before a CUDA copy (see ``to_device``); a
     CPU server makes no such copy, so there it changes nothing. ``strict`` rejects images libjpeg only
-    warns about (a scan cut short), see ``decode``.
+    warns about (a scan cut short), see ``decode``. ``batch_decode`` (with ``decoder="nvjpeg"``) leaves only the
+    header checks to each request and decodes, resizes and normalizes the batch on the GPU in one step, the
+    pixels never on the host.
     """
 
     decoder: str = "pil"
@@ -246,6 +313,9 @@ class PreprocessConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     pin_memory: bool = True
     strict: bool = True  # libjpeg warnings are errors (see ``decode``)
+    # with decoder "nvjpeg": decode the whole batch in one nvJPEG call in the inference step (``decode_batch_isolated``)
+    # instead of request by request
+    batch_decode: bool = False
 
     def __post_init__(self):
         if self.decoder not in DECODERS:
@@ -254,6 +324,8 @@ class PreprocessConfig:
             raise ValueError(f"normalize_on must be 'host' or 'device', got {self.normalize_on!r}")
         if self.max_pixels <= 0:
             raise ValueError("max_pixels must be positive")
-        for name in ("pin_memory", "strict"):
+        for name in ("pin_memory", "strict", "batch_decode"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
+        if self.batch_decode and self.decoder != "nvjpeg":
+            raise ValueError(f"batch_decode decodes on the GPU: it needs decoder 'nvjpeg', got {self.decoder!r}")

@@ -438,6 +438,7 @@ class Item:
     result: dict | None = None
     batch_size: int = 0
     cause: str = ""
+    jpeg: bytes | None = None  # batched GPU decode: the checked JPEG, decoded with its batch in ``predict``
 
 
 def _failed(st: dict, status: int, detail: str, cause: str) -> Item:
@@ -449,7 +450,13 @@ class VisionAPI(ls.LitAPI):
 
     One request never fails another: whatever decoding a request's bytes raises becomes that request's 4xx
     (nothing but its own bytes runs there), and a batch whose inference fails is run again one request at a
-    time, so only the request that fails alone gets the error."""
+    time, so only the request that fails alone gets the error.
+
+    Batched GPU decode (``pre.batch_decode``, decoder ``nvjpeg``): each request only has its JPEG checked on the
+    host (header, pixel limit, and the strict scan check); ``predict`` then decodes the whole batch in one
+    nvJPEG call, resizes and normalizes on the GPU and infers, the pixels never on the host. A batch that
+    nvJPEG fails is decoded again one image at a time (``preprocess.decode_batch_isolated``): only the bad
+    image's request gets its 400. ``batch_decoder`` (set before ``setup``) replaces the nvJPEG call, for tests."""
 
     def __init__(self, model: str = "mobilenet_v2", pre: pp.PreprocessConfig | None = None, *,
                  max_batch_size: int = 8, batch_timeout: float = 0.005, threads: int = 1,
@@ -457,14 +464,16 @@ class VisionAPI(ls.LitAPI):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout)
         self.model_name, self.pre = model, pre or pp.PreprocessConfig()
         self.threads, self.pretrained, self.allow_pixels = threads, pretrained, allow_pixels
+        self.batch_decoder = None  # callable(list of uint8 tensors, device) -> list of CHW tensors; default nvJPEG
 
     def setup(self, device):
-        if device.startswith("cpu"):
-            # one intra-op thread: on a shared 2-core box more threads spin against each other
-            torch.set_num_threads(self.threads)
+        # ``threads`` intra-op threads on any device: a CUDA worker still normalizes and stacks on the host, and
+        # torch's default (one thread per core) in every worker makes them spin against each other
+        torch.set_num_threads(self.threads)
         self.dev = torch.device(device)
-        if self.pre.decoder == "nvjpeg" and self.dev.type != "cuda":
-            raise RuntimeError("decoder 'nvjpeg' needs a CUDA device")
+        if self.pre.decoder == "nvjpeg" and self.batch_decoder is None:
+            # fails here, naming torchvision or CUDA, rather than as a 400 for every request
+            self.batch_decoder = pp.nvjpeg_batch_decoder(self.dev)
         self.net, self.spec = build(self.model_name, pretrained=self.pretrained)
         self.net.to(self.dev)
         if self.spec.task == "detection":
@@ -505,6 +514,10 @@ class VisionAPI(ls.LitAPI):
         if ctype == PIXELS_TYPE:
             return self._decode_pixels(data, st)
         size = pp.check_jpeg(data, self.pre.max_pixels)
+        if self.pre.batch_decode:  # decoded with its batch on the GPU (``_decode_batch``)
+            if self.pre.strict:
+                pp.check_scan(data)
+            return Item(None, size, st, jpeg=data)
         img = pp.decode(data, self.pre.decoder, target=self.spec.input_size, reduced=self.pre.reduced,
                         device=self.dev, strict=self.pre.strict)
         self._sync()
@@ -564,6 +577,9 @@ class VisionAPI(ls.LitAPI):
     def predict(self, items):
         single = isinstance(items, Item)
         items = [items] if single else items
+        pending = [it for it in items if it.error is None and it.jpeg is not None]
+        if pending:
+            self._decode_batch(pending)
         ok = [it for it in items if it.error is None]
         if ok:
             try:
@@ -576,6 +592,37 @@ class VisionAPI(ls.LitAPI):
                         it.error, it.cause = (500, f"inference failed: {type(exc).__name__}: {exc}"[:500]), \
                             "inference_error"
         return items[0] if single else items
+
+    def _decode_batch(self, items: list[Item]) -> None:
+        """Batched GPU decode: one nvJPEG call for the batch's JPEGs (one at a time if it fails, so that a bad
+        image fails its own request alone), then resize (and per-request normalize) on the GPU."""
+        decoded = pp.decode_batch_isolated([it.jpeg for it in items], self.batch_decoder, self.dev)
+        self._sync()
+        t = now()
+        for it, img in zip(items, decoded):
+            it.jpeg = None
+            if isinstance(img, pp.BadImage):
+                it.error, it.cause = (img.status, str(img)), "bad_image"
+            else:
+                it.x, it.stamps["decoded"] = img, t
+        for it in items:
+            if it.error is None:
+                try:
+                    it.x = pp.resize(it.x, self.spec.input_size)
+                except Exception as exc:  # noqa: BLE001 - only this request's pixels were being resized
+                    it.error, it.cause = (400, f"could not resize the image: {type(exc).__name__}: {exc}"[:500]), \
+                        "decode_error"
+        good = [it for it in items if it.error is None]
+        self._sync()
+        t = now()
+        for it in good:
+            it.stamps["resized"] = t
+            if self.pre.normalize_on == "host":  # per request, as on the host path (but where the pixels are)
+                it.x = pp.normalize(it.x, self.spec.mean, self.spec.std)
+        self._sync()
+        t = now()
+        for it in good:
+            it.stamps["normalized"] = t
 
     def _infer(self, ok: list[Item]) -> None:
         t = now()
@@ -702,6 +749,8 @@ class ServerConfig:
     # processes that decode/resize/normalize in the HTTP server, overlapped with inference (0: the inference
     # worker preprocesses each request itself, serially with inference)
     decode_pool: int = 0
+    # with decoder "nvjpeg": one nvJPEG call decodes the whole batch on the GPU (see VisionAPI), not one per request
+    batch_decode: bool = False
 
     def __post_init__(self):
         if self.max_batch_size < 1 or self.workers < 1 or self.api_servers < 1 or self.threads < 1:
@@ -721,11 +770,13 @@ class ServerConfig:
             raise ValueError("decode_pool runs CPU decoders; nvjpeg decodes in the inference worker")
         if not isinstance(self.allow_pixels, bool):
             raise TypeError(f"allow_pixels must be a bool, got {type(self.allow_pixels).__name__}")
+        if self.batch_decode and self.accelerator != "cuda":
+            raise ValueError("batch_decode decodes on the GPU: it needs accelerator='cuda' (and decoder 'nvjpeg')")
         self.preprocess_config()  # validates
 
     def preprocess_config(self) -> pp.PreprocessConfig:
         return pp.PreprocessConfig(self.decoder, self.reduced, self.normalize_on, self.max_pixels,
-                                   pin_memory=self.pin_memory, strict=self.strict_jpeg)
+                                   pin_memory=self.pin_memory, strict=self.strict_jpeg, batch_decode=self.batch_decode)
 
     def limits(self) -> Limits:
         return Limits(max_bytes=self.max_bytes, max_in_flight=self.max_in_flight,
@@ -876,6 +927,8 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-timeout", type=float)
     ap.add_argument("--reduced", action="store_true", default=None)
     ap.add_argument("--pin-memory", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--batch-decode", action="store_true", default=None,
+                    help="with --decoder nvjpeg: decode each batch in one nvJPEG call on the GPU")
     args = ap.parse_args(argv)
     fields = json.loads(args.config)
     fields.update({k: v for k, v in vars(args).items() if k not in ("host", "port", "config", "spool") and v is not None})
