@@ -97,3 +97,19 @@ def test_dense_amx_linear_matches_f_linear(one_thread):
     torch.testing.assert_close(got, ref, atol=0.05, rtol=0.02)
     m = dense_amx_model(random_model("smollm2-135m", 0.5, layers=2))
     assert sum(isinstance(mod, DenseAMXLinear) for mod in m.modules()) == 2 * 7
+
+
+def test_decode_summary_by_hand():
+    import pandas as pd
+
+    from effllm_lib.sparse.decode_bench import decode_summary
+
+    df = pd.DataFrame({"model": ["m"] * 4, "impl": ["torch_bf16", "dense_amx", "sparse_avx512", "sparse_amx"],
+                       "token_ms": [40.0, 30.0, 25.0, 20.0], "framework_ms": [10.0, 9.0, 9.0, 9.0],
+                       "ceiling": [1.6] * 4})
+    r = decode_summary(df).iloc[0]
+    assert (r.best_sparse, r.best_dense) == ("sparse_amx", "dense_amx")
+    assert r.vs_torch == 2.0 and r.vs_best_dense == 1.5 and r.framework_share == 0.25
+    assert r.of_ceiling_vs_best_dense == pytest.approx(1.5 / 1.6)
+    with pytest.raises(ValueError, match="sparse"):
+        decode_summary(df[df.impl == "torch_bf16"])

@@ -341,6 +341,29 @@ class _forced_kernel:
 
 
 @torch.no_grad()
+def decode_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per model of a ``decode_latency`` table: the fastest sparse kernel against stock PyTorch and against
+    the fastest dense implementation, the byte ceiling, how much of it the sparse kernel reaches over the best
+    dense one, and the share of stock PyTorch's token time spent outside the linears and lm_head (the framework:
+    attention, norms, Python), which sparsity cannot shrink."""
+    rows = []
+    for model, g in df.groupby("model", sort=False):
+        g = g.set_index("impl")
+        sparse = g[g.index.str.startswith("sparse_")]
+        dense = g[~g.index.str.startswith("sparse_")]
+        if sparse.empty or "torch_bf16" not in g.index:
+            raise ValueError(f"{model}: the table needs torch_bf16 and at least one sparse_* row")
+        best_sparse, best_dense = sparse.token_ms.idxmin(), dense.token_ms.idxmin()
+        vs_dense = dense.token_ms.min() / sparse.token_ms.min()
+        torch_row = g.loc["torch_bf16"]
+        rows.append({"model": model, "best_sparse": best_sparse, "best_dense": best_dense,
+                     "sparse_ms": sparse.token_ms.min(), "vs_torch": torch_row.token_ms / sparse.token_ms.min(),
+                     "vs_best_dense": vs_dense, "ceiling": float(sparse.loc[best_sparse, "ceiling"]),
+                     "of_ceiling_vs_best_dense": vs_dense / float(sparse.loc[best_sparse, "ceiling"]),
+                     "framework_share": torch_row.framework_ms / torch_row.token_ms})
+    return pd.DataFrame(rows)
+
+
 def call_overhead(kernels: list[str], repeats: int = 2000) -> pd.DataFrame:
     """Fixed cost per linear call: a one-strip layer (16 x 32, cache-resident) at batch 1, timed through
     part 1's Python function (``sparse_linear``: re-checks the weight, pybind), the module (``SparseLinear``:
