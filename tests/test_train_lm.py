@@ -90,3 +90,24 @@ def test_100m_preset_size():
     with torch.device("meta"):
         n = sum(p.numel() for p in LlamaForCausalLM(cfg).parameters())
     assert 100e6 < n < 130e6
+
+
+def test_early_stopping_keeps_the_best_validation_step(tmp_path):
+    """Validation articles come from the training side (never the held-out text); the saved model is the state of
+    the step with the lowest validation loss, recomputed here from the saved model."""
+    cfg = T.TrainConfig(**{**T.asdict(TINY), "steps": 12, "lr": 5e-2, "val_fraction": 0.25, "eval_every": 3})
+    r = T.train(TEXT, ByteTokenizer(), cfg, out=tmp_path / "m", progress=False)
+    evals = {x["step"]: x["val_loss"] for x in r.log if "val_loss" in x}
+    assert sorted(evals) == [2, 5, 8, 11]
+    assert r.best_step == min(evals, key=evals.get) and r.best_val_loss == min(evals.values())
+    train_articles, held = T.split_articles(TEXT, cfg.heldout_fraction, cfg.seed)
+    _, val_articles = T.split_articles("\n\n".join(train_articles), cfg.val_fraction, cfg.seed + 1)
+    assert not set(val_articles) & set(held)
+    tok = ByteTokenizer()
+    val = torch.tensor([i for a in val_articles for i in tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]])
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert T.validation_loss(loaded, val, cfg.seq_len, "cpu", False) == pytest.approx(r.best_val_loss, abs=1e-5)
+    with pytest.raises(ValueError, match="validation split"):
+        T.train(TEXT, ByteTokenizer(), T.TrainConfig(**{**T.asdict(cfg), "seq_len": 4096}), progress=False)
