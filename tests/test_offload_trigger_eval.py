@@ -87,3 +87,28 @@ def test_cli_with_two_workers_covers_every_problem_once(tmp_path):
     again = run_cli(argv)
     assert sum(len(read_log(f)) for f in tmp_path.glob("w*/*.jsonl")) == lines
     pd.testing.assert_frame_equal(again.drop(columns="wall_s_per_problem"), summary.drop(columns="wall_s_per_problem"))
+
+
+@pytest.mark.slow
+def test_cli_latency_tables(tmp_path, monkeypatch):
+    """--latency measures each model alone once per log dir and writes measured vs simulated time per mode."""
+    from effllm_lib import results
+    from effllm_lib.offload.parallel import export_problems
+    from effllm_lib.offload.trigger_eval import run_cli
+
+    exported = export_problems("multistep_arithmetic", 2, 1, tmp_path / "problems.jsonl")
+    (tmp_path / "data" / "results").mkdir(parents=True)
+    monkeypatch.setenv("EFFLLM_DATA_DIR", str(tmp_path / "data"))  # results go there, not into the checkout
+    argv = ["--small", "tiny:llama:1", "--big", "tiny:qwen2:2", "--n", "2", "--n-calib", "1",
+            "--problems", str(exported), "--calib-problems", str(exported), "--max-new-tokens", "6",
+            "--kinds", "gap", "--step-budgets",
+            "--window", "3", "--big-span", "3", "--budgets", "0.3", "--no-assisted", "--scale", "ci",
+            "--log-dir", str(tmp_path / "logs"), "--threads", "1", "--latency", "--latency-methods", "dynamic,static"]
+    run_cli(argv)
+    tp = results.read(results.results_path("splitreason", "throughput", "ci"))
+    assert sorted(tp.model) == ["big", "big", "small", "small"] and (tp.status == "ok").all()
+    lat = results.read(results.results_path("splitreason", "trigger_latency", "ci")).set_index("mode")
+    assert list(lat.index) == ["small only", "big only", "gap 30%", "random 30%"]
+    assert (lat.problems == 2).all() and (lat.sequential_s > 0).all() and (lat.pipelined_sim_s > 0).all()
+    assert (lat.measured_s > 0).all()
+    assert (tmp_path / "logs" / "throughput.json").is_file()  # a resume reuses it

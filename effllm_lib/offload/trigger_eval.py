@@ -86,11 +86,13 @@ def make_generate(small, big, spec: dict, thresholds: dict, *, window: int, big_
 
     def generate(problem: Problem, sample: int) -> dict:
         sp, bp = build_prompt(small[1], problem.question), build_prompt(big[1], problem.question)
+        prompts = {"small_prompt_tokens": len(small[1](sp, add_special_tokens=False)["input_ids"]),
+                   "big_prompt_tokens": len(big[1](bp, add_special_tokens=False)["input_ids"])}
         if method == "assisted":
             res = assisted_generate(small, big, bp, max_new_tokens=max_new_tokens,
                                     num_assistant_tokens=num_assistant_tokens)
             return {"text": res["text"], **assisted_record(res), "label": spec["label"],
-                    "generated_tokens": res["generated_tokens"]}
+                    "generated_tokens": res["generated_tokens"], **prompts}
         if method in ("small", "big"):
             gen = Controller(small, big, max_new_tokens=max_new_tokens).generate(sp, bp, method)
             extra = {"handoffs": 0, "windows": 0}
@@ -104,7 +106,7 @@ def make_generate(small, big, spec: dict, thresholds: dict, *, window: int, big_
         else:
             raise ValueError(f"unknown method {method!r}")
         return {"text": gen.text, **gen.summary(), **extra, "label": spec["label"],
-                "generated_tokens": gen.small.kept_tokens + gen.big.kept_tokens}
+                "generated_tokens": gen.small.kept_tokens + gen.big.kept_tokens, **prompts}
 
     return generate
 
@@ -204,6 +206,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", default="full", choices=["ci", "full"])
     ap.add_argument("--suffix", default="", help="appended to the results names (e.g. _h200)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--latency", action="store_true",
+                    help="measure each model's prefill/decode throughput alone first (latency.measure_throughputs, "
+                         "kept in the log dir for resumes) and save throughput<suffix> and trigger_latency<suffix> "
+                         "(measured vs simulated per mode; meaningful with --workers 1 on an idle device)")
+    ap.add_argument("--latency-methods", default="dynamic,static,compiled,generate")
     ap.add_argument("--workers", type=int, default=1,
                     help="N processes on one device: worker k takes problems k, k+N, ... (calibration runs once)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set for the child processes
@@ -242,6 +249,21 @@ def _collect(probs, grid, log_dirs) -> pd.DataFrame:
     if not done:
         raise RuntimeError(f"no problem is complete in every mode in {', '.join(map(str, log_dirs))}")
     return pd.concat([df[df.problem_id.isin(done)] for df in frames], ignore_index=True)
+
+
+def _throughput(args, small, big, log_dir: Path) -> pd.DataFrame:
+    """Each model's throughput alone, measured once per log dir (a resumed run reuses it)."""
+    from .latency import measure_throughputs
+
+    saved = log_dir / "throughput.json"
+    if saved.is_file():
+        return pd.DataFrame(json.loads(saved.read_text()))
+    methods = [m for m in args.latency_methods.split(",") if m]
+    table = pd.concat([measure_throughputs(m, t, name=role, methods=methods)
+                       for role, (m, t) in (("small", small), ("big", big))], ignore_index=True)
+    print(table.drop(columns=["first_tokens"], errors="ignore").round(2).to_string(index=False), flush=True)
+    saved.write_text(table.to_json(orient="records"))
+    return table
 
 
 def run_cli(argv=None) -> pd.DataFrame | None:
@@ -290,6 +312,7 @@ def run_cli(argv=None) -> pd.DataFrame | None:
     log_dir = Path(args.log_dir) if args.log_dir else cache_dir() / "splitreason" / f"triggers-{tag}"
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "thresholds.json").write_text(json.dumps(thresholds))
+    throughput = _throughput(args, small, big, log_dir) if args.latency else None
     if args.workers == 1:
         records = run_eval(probs, small, big, log_dir, grid, thresholds, time_budget_s=args.time_budget_s,
                            progress=True, **kw)
@@ -323,6 +346,20 @@ def run_cli(argv=None) -> pd.DataFrame | None:
              "calibration_windows": {k: len(v) for k, v in calib["scores"].items()},
              "scorer": "strict (answers.strict_score)", "problems_requested": args.n,
              "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    if throughput is not None:
+        from .latency import latency_table, throughput_of
+
+        extra["latency_workers"] = args.workers  # > 1: wall times share the device, not the idle-GPU latency
+        lat = latency_table(records, (throughput_of(throughput, "small", "dynamic"),
+                                      throughput_of(throughput, "big", "dynamic")),
+                            (throughput_of(throughput, "small"), throughput_of(throughput, "big")),
+                            chunk_tokens=args.big_span)
+        print(lat[["mode", "measured_s", "sequential_s", "pipelined_sim_s", "small_probe_s", "handoffs_per_problem"]]
+              .round(3).to_string(), flush=True)
+        results.save(throughput, "splitreason", f"throughput{args.suffix}", params=params, scale=args.scale,
+                     extra=extra)
+        results.save(lat, "splitreason", f"trigger_latency{args.suffix}", params=params, scale=args.scale,
+                     extra=extra)
     results.save(summary, "splitreason", f"trigger_modes{args.suffix}", params=params, scale=args.scale, extra=extra)
     # the texts are kept, so a later scorer can re-score every completion
     results.save(records, "splitreason", f"trigger_records{args.suffix}", params=params, scale=args.scale,
