@@ -175,6 +175,7 @@ def main(argv=None) -> int:
     ap.add_argument("--probe-tokens", type=int, default=8, help="lookahead per row (8 in the paper)")
     ap.add_argument("--paths", default="shared,copy")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed probes first (allocator, kernels)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                     help="default: bfloat16 on CUDA, float32 on CPU")
@@ -237,7 +238,8 @@ def main(argv=None) -> int:
                 continue
             times, peaks = [], []
             try:
-                one_probe(ctl, sess, rows, how, args.device)  # warm-up
+                for _ in range(args.warmup):
+                    one_probe(ctl, sess, rows, how, args.device)
                 for _ in range(args.repeats):
                     with PeakMemory(args.device) as mem:
                         dt, probes = one_probe(ctl, sess, rows, how, args.device)
