@@ -79,6 +79,42 @@ def calibrate(small, big, problems: list[Problem], grid: list[dict], *, window: 
     return out
 
 
+HELD_OUT_SOURCES = ("gsm_symbolic", "multistep_arithmetic", "elementary_math_qa")
+
+
+def held_out_problems(n_per_source: int, calib_per_source: int, *, gsm_seed: int = 0, seed: int = 1
+                      ) -> tuple[list[dict], list[dict]]:
+    """(evaluation rows, calibration rows) in ``parallel.export-problems``' format, the sources interleaved
+    (a run cut short by its time budget still covers them evenly).
+
+    gsm_symbolic: items of the held-out templates only (``sft_data.gsm_items("held_out", ...)``, the ones the
+    trained small model never sees; the evaluation of part 2 uses the same draw). multistep_arithmetic and
+    elementary_math_qa: ``load_problems(source, n + k, seed)`` (seed 1: the first 200 multistep problems are
+    notebook 02's). Each source's first ``n_per_source`` are evaluated, its next ``calib_per_source`` calibrate
+    the thresholds: disjoint by construction."""
+    from .sft_data import gsm_items
+
+    if n_per_source < 1 or calib_per_source < 0:
+        raise ValueError(f"n_per_source must be >= 1 and calib_per_source >= 0, got {n_per_source}, {calib_per_source}")
+    total = n_per_source + calib_per_source
+    per_source = {}
+    for source in HELD_OUT_SOURCES:
+        if source == "gsm_symbolic":
+            rows = [{"id": t.id, "source": source, "question": t.question, "answer": t.answer, "template": t.template,
+                     "seed": gsm_seed, "n": total, "draw": "sft_data.gsm_items('held_out', n, seed)"}
+                    for t in gsm_items("held_out", total, seed=gsm_seed)]
+        else:
+            rows = [{"id": p.id, "source": source, "question": p.question, "answer": p.answer, "seed": seed,
+                     "n": total, "draw": "problems.load_problems(source, n, seed)"}
+                    for p in load_problems(source, total, seed=seed)]
+        for i, r in enumerate(rows):
+            r["index"] = i
+        per_source[source] = rows
+    evaluation = [per_source[s][i] for i in range(n_per_source) for s in HELD_OUT_SOURCES]
+    calibration = [per_source[s][n_per_source + i] for i in range(calib_per_source) for s in HELD_OUT_SOURCES]
+    return evaluation, calibration
+
+
 def make_generate(small, big, spec: dict, thresholds: dict, *, window: int, big_span: int, max_new_tokens: int,
                   step_window: int, num_assistant_tokens: int = 4):
     """``generate(problem, sample)`` for ``problems.evaluate`` in the mode ``spec`` names."""
