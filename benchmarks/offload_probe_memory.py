@@ -247,7 +247,7 @@ def main(argv=None) -> int:
                     peaks.append(mem.peak)
                 row["status"] = "ok"
                 probes_by_path[how] = probes
-            except torch.OutOfMemoryError as exc:
+            except torch.cuda.OutOfMemoryError as exc:
                 row["status"] = f"out of memory: {str(exc).splitlines()[0][:120]}"
             if times:
                 forwards = args.probe_tokens  # the tree, then probe_tokens - 1 lookahead steps

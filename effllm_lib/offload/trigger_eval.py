@@ -13,7 +13,30 @@ problems); one resumable JSON-lines log per mode. ``summarize`` gives pass@1 wit
 offload fraction, handoffs per problem and wall time.
 
 CLI (``python -m effllm_lib.offload.trigger_eval --help``) runs calibration + evaluation and saves
-``splitreason/trigger_modes`` (summary) and ``splitreason/trigger_records`` (per completion, with its text).
+``splitreason/trigger_modes`` (summary) and ``splitreason/trigger_records`` (per completion, with its text);
+``--latency`` also measures each model's throughput alone first (``latency.py``) and saves ``throughput`` and
+``trigger_latency`` (measured vs sequential vs pipelined-simulated time per mode, time in probes, handoffs).
+
+Device session plan (the Qwen pair on the H200; ``scripts/device_qwen_parts.py``, whose ``session-plan`` prints it):
+
+* Here, once: ``python scripts/device_qwen_parts.py split`` (SmolLM2 + Qwen2.5-1.5B GGUFs as one zlib stream in
+  ~20 parts of <= 55 MiB + a sha256 manifest, under ``.device-carry/qwen``; ~1-2 min) and ``... problems``
+  (``held_out_problems(400, 4)``: 1,200 evaluation problems, 400 each of gsm_symbolic held-out templates,
+  multistep_arithmetic, elementary_math_qa, interleaved; 12 calibration problems, disjoint).
+* There, every call the same command ``timeout 590 python scripts/device_qwen_parts.py device --deadline-s 570``
+  (after installing the carried gguf wheel into /tmp/site), carrying the manifest, the two problem files, the gguf
+  wheel, ``logs.tar.gz`` when a previous session left one, and one part:
+  - calls 1..P (P = number of parts, ~20; ~0.5 min each): each stashes its part (checked) under /tmp; the last
+    assembles and verifies both GGUFs (~10 s) and goes straight on to evaluating;
+  - evaluation calls (9.5 min each, no part carried): GGUF -> bfloat16 conversion once (~1 min); the latency stage
+    in one process on the idle GPU (calibration ~2 min, throughput by 4 decode paths ~3-4 min, then 12 problems in
+    every mode; suffix ``_h200_idle``), then the main stage: 14 worker processes over the 1,200 problems, every
+    mode per problem (paired), no new problem after the call's budget (suffix ``_h200``).
+  - Estimate: ~6 s wall per problem for the 10 modes at 256 tokens, ~80 problems per evaluation call, ~15 calls
+    (~2.4 h of device time) for all 1,200; a machine is held 30 min at most (then /tmp is gone and the carry calls
+    repeat), i.e. ~2 evaluation calls per session: ~7 sessions, or half with ``--lean`` (6 modes).
+* After every call: $OUT/qwen_logs.tar.gz -> ``.device-carry/qwen/logs.tar.gz`` (the resume) and
+  $OUT/qwen_results.tar.gz (trigger_modes / trigger_records / throughput / trigger_latency) to commit.
 """
 
 from __future__ import annotations
