@@ -249,7 +249,9 @@ def pack(args, work: Path, status: dict) -> None:
     if logs.is_dir():
         with tarfile.open(out / "qwen_logs.tar.gz", "w:gz") as tar:
             tar.add(logs, arcname="logs")
-    res = sorted((ROOT / "data" / "results" / "splitreason").glob(f"*{args.suffix}*.csv"))
+    folder = ROOT / "data" / "results" / "splitreason"
+    res = sorted(f for pattern in (f"trigger_*{args.suffix}*.csv", f"throughput{args.suffix}*.csv")
+                 for f in folder.glob(pattern))
     if res:
         with tarfile.open(out / "qwen_results.tar.gz", "w:gz") as tar:
             for f in res:
