@@ -44,7 +44,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+_STATIC: dict = {}
+
+
 def _static_cache(model, max_len: int):
+    """One StaticCache per (model, length), reset between runs: a compiled step keeps its CUDA graph only while the
+    cache tensors keep their addresses (transformers marks them static), so a new cache per run would recompile."""
+    key = (id(model), max_len)
+    if key in _STATIC:
+        _STATIC[key].reset()
+        return _STATIC[key]
+    _STATIC[key] = _new_static_cache(model, max_len)
+    return _STATIC[key]
+
+
+def _new_static_cache(model, max_len: int):
     from transformers import StaticCache
 
     try:  # transformers 5.x: shapes come from the config, batch and device from the first update
@@ -66,7 +80,6 @@ def greedy_decode(model, ids: list[int], decode_tokens: int, method: str = "dyna
 
     device = next(model.parameters()).device
     n = len(ids)
-    cache = DynamicCache() if method == "dynamic" else _static_cache(model, n + decode_tokens + 1)
     # transformers 5.17 takes cache_position (a static cache needs it); 5.24 derives it from position_ids
     takes_cache_position = "cache_position" in inspect.signature(model.forward).parameters
     step = model.forward
@@ -80,7 +93,8 @@ def greedy_decode(model, ids: list[int], decode_tokens: int, method: str = "dyna
                   **kw)
 
     out_tokens = []
-    with torch.inference_mode():
+    with torch.inference_mode():  # the static cache is made (and reset) in inference mode, as it is used
+        cache = DynamicCache() if method == "dynamic" else _static_cache(model, n + decode_tokens + 1)
         _sync(device)
         t0 = time.perf_counter()
         logits = call(model.forward, torch.tensor([ids], device=device), 0).logits
