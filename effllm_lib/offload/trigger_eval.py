@@ -311,18 +311,21 @@ def _collect(probs, grid, log_dirs) -> pd.DataFrame:
 
 
 def _throughput(args, small, big, log_dir: Path) -> pd.DataFrame:
-    """Each model's throughput alone, measured once per log dir (a resumed run reuses it)."""
+    """Each model's throughput alone, measured once per log dir and saved after each model (a call cut short
+    resumes with the model not yet measured)."""
     from .latency import measure_throughputs
 
     saved = log_dir / "throughput.json"
-    if saved.is_file():
-        return pd.DataFrame(json.loads(saved.read_text()))
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
     methods = [m for m in args.latency_methods.split(",") if m]
-    table = pd.concat([measure_throughputs(m, t, name=role, methods=methods)
-                       for role, (m, t) in (("small", small), ("big", big))], ignore_index=True)
-    print(table.drop(columns=["first_tokens"], errors="ignore").round(2).to_string(index=False), flush=True)
-    saved.write_text(table.to_json(orient="records"))
-    return table
+    for role, (m, t) in (("small", small), ("big", big)):
+        if any(r["model"] == role for r in rows):
+            continue
+        table = measure_throughputs(m, t, name=role, methods=methods, decode_tokens=64, repeats=3)
+        print(table.drop(columns=["first_tokens"], errors="ignore").round(2).to_string(index=False), flush=True)
+        rows += json.loads(table.to_json(orient="records"))
+        saved.write_text(json.dumps(rows))
+    return pd.DataFrame(rows)
 
 
 def run_cli(argv=None) -> pd.DataFrame | None:
