@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -222,11 +223,11 @@ def _complete_problems(log_dir: Path) -> int:
 def run_eval(args, paths: dict, log_dir: Path, *, workers: int, n: int, budget_s: float, suffix: str,
              extra=()) -> int:
     """trigger_eval in its own process group, killed if it runs past ``budget_s`` + the grace time."""
-    cmd = [sys.executable, "-m", "effllm_lib.offload.trigger_eval", "--small", str(paths["smollm2-135m"]),
-           "--big", str(paths["qwen2.5-1.5b"]), "--problems", str(args.carry / "problems_eval.jsonl"),
+    small, big = (args.models.split(",") if args.models else (paths["smollm2-135m"], paths["qwen2.5-1.5b"]))
+    cmd = [sys.executable, "-m", "effllm_lib.offload.trigger_eval", "--small", str(small), "--big", str(big), "--problems", str(args.carry / "problems_eval.jsonl"),
            "--calib-problems", str(args.carry / "problems_calib.jsonl"), "--n", str(n), "--n-calib", "100000",
            "--workers", str(workers), "--log-dir", str(log_dir), "--time-budget-s", f"{budget_s:.0f}",
-           "--suffix", suffix, *(LEAN_ARGS if args.lean else EVAL_ARGS), *extra]
+           "--suffix", suffix, *(LEAN_ARGS if args.lean else EVAL_ARGS), *extra, *shlex.split(args.eval_extra)]
     log("run: " + " ".join(cmd))
     proc = subprocess.Popen(cmd, cwd=ROOT, start_new_session=True)
     try:
@@ -249,9 +250,11 @@ def pack(args, work: Path, status: dict) -> None:
     if logs.is_dir():
         with tarfile.open(out / "qwen_logs.tar.gz", "w:gz") as tar:
             tar.add(logs, arcname="logs")
-    folder = ROOT / "data" / "results" / "splitreason"
+    from effllm_lib.results import results_dir
+
+    folder = results_dir("splitreason")  # full-scale files there, ci-scale ones in ci/
     res = sorted(f for pattern in (f"trigger_*{args.suffix}*.csv", f"throughput{args.suffix}*.csv")
-                 for f in folder.glob(pattern))
+                 for sub in (folder, folder / "ci") for f in sub.glob(pattern))
     if res:
         with tarfile.open(out / "qwen_results.tar.gz", "w:gz") as tar:
             for f in res:
@@ -356,6 +359,9 @@ def main(argv=None) -> int:
     dp.add_argument("--suffix", default="_h200")
     dp.add_argument("--lean", action="store_true",
                     help="6 modes (small, big, gap and random at 10/25%%): no entropy, step-spec or assisted")
+    dp.add_argument("--eval-extra", default="", help="more trigger_eval options, last (they win), e.g. "
+                    "'--max-new-tokens 192'")
+    dp.add_argument("--models", default=None, help=argparse.SUPPRESS)  # SMALL,BIG instead of the GGUFs (tests)
     lp = sub.add_parser("session-plan", help="print the device session plan")
     lp.add_argument("--carry", type=Path, default=CARRY)
     lp.add_argument("--workers", type=int, default=14)

@@ -96,3 +96,38 @@ def test_device_call_with_missing_parts_reports_and_packs(parts, tmp_path):
     assert status["missing_parts"] == [m["parts"][-1]["name"]]
     with tarfile.open(out / "qwen_logs.tar.gz") as tar:
         assert "logs/main/small_only.jsonl" in tar.getnames()
+
+
+@pytest.mark.slow
+def test_device_call_runs_both_stages_on_tiny_models(parts, tmp_path, monkeypatch):
+    """All parts here: assemble, then the latency stage (1 process, --latency) and the main stage (2 workers)
+    on tiny models, with one calibration, everything packed into OUT."""
+    from effllm_lib.offload.parallel import export_problems
+
+    mod, _ = parts
+    carry, work, out = tmp_path / "carry", tmp_path / "work", tmp_path / "out"
+    mod.split(carry, part_mib=0.02)
+    export_problems("multistep_arithmetic", 3, 1, carry / "problems_eval.jsonl")
+    export_problems("multistep_arithmetic", 5, 7, tmp_path / "calib.jsonl")
+    (carry / "problems_calib.jsonl").write_text((tmp_path / "calib.jsonl").read_text().splitlines()[-1] + "\n")
+    (tmp_path / "data" / "results").mkdir(parents=True)
+    monkeypatch.setenv("EFFLLM_DATA_DIR", str(tmp_path / "data"))
+    argv = ["device", "--carry", str(carry), "--work", str(work), "--out", str(out), "--deadline-s", "900",
+            "--grace-s", "60", "--workers", "2", "--latency-n", "1", "--suffix", "_t", "--lean",
+            "--models", "tiny:llama:1,tiny:qwen2:2",
+            "--eval-extra", "--device cpu --dtype float32 --max-new-tokens 6 --window 3 --big-span 3 --scale ci "
+                            "--latency-methods dynamic,static"]
+    assert mod.main(argv) == 0
+    status = json.loads((out / "status.json").read_text())
+    assert status["missing_parts"] == []
+    assert [(s["stage"], s["rc"]) for s in status["stages"]] == [("latency", 0), ("main", 0)]
+    assert status["stages"][0]["done_problems"] == 1
+    logs = work / "logs"
+    assert (logs / "main" / "thresholds.json").read_text() == (logs / "latency" / "thresholds.json").read_text()
+    with tarfile.open(out / "qwen_results.tar.gz") as tar:
+        names = set(tar.getnames())
+    assert {"trigger_modes_t.csv", "trigger_modes_t_idle.csv", "trigger_latency_t_idle.csv",
+            "throughput_t_idle.csv"} <= names
+    # a second call has nothing left to do in the latency stage and resumes the main logs
+    assert mod.main(argv) == 0
+    assert [s["stage"] for s in json.loads((out / "status.json").read_text())["stages"]] == ["main"]
