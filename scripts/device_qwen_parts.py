@@ -10,7 +10,7 @@ Here (where the assets are), once:
 
 There, every call the same command (only the carried part changes; see ``session-plan`` below):
 
-    python scripts/device_qwen_parts.py device --deadline-s 570
+    python3 scripts/device_qwen_parts.py device --deadline-s 570
 
 ``device`` is idempotent: it stashes the parts carried this call (checked) under /tmp/effllm-qwen/parts, assembles
 and verifies both GGUFs once all parts are there, and then, in the call's remaining time, runs the evaluation in
@@ -220,12 +220,25 @@ def _complete_problems(log_dir: Path) -> int:
     return min(sum(1 for line in f.read_text().splitlines() if line.strip()) for f in logs)
 
 
+def _main_done(main_dir: Path) -> int:
+    """Problems complete in every mode over the workers' logs (w0/, w1/, ...)."""
+    ids: dict[str, set] = {}
+    for f in main_dir.glob("w*/*.jsonl"):
+        for line in f.read_text().splitlines():
+            if line.strip():
+                try:
+                    ids.setdefault(f.name, set()).add(json.loads(line)["problem_id"])
+                except (ValueError, KeyError):
+                    continue  # a line cut short by a kill: read_log drops it too
+    return min((len(v) for v in ids.values()), default=0)
+
+
 def run_eval(args, paths: dict, log_dir: Path, *, workers: int, n: int, budget_s: float, suffix: str,
              extra=()) -> int:
     """trigger_eval in its own process group, killed if it runs past ``budget_s`` + the grace time."""
     small, big = (args.models.split(",") if args.models else (paths["smollm2-135m"], paths["qwen2.5-1.5b"]))
-    cmd = [sys.executable, "-m", "effllm_lib.offload.trigger_eval", "--small", str(small), "--big", str(big), "--problems", str(args.carry / "problems_eval.jsonl"),
-           "--calib-problems", str(args.carry / "problems_calib.jsonl"), "--n", str(n), "--n-calib", "100000",
+    cmd = [sys.executable, "-m", "effllm_lib.offload.trigger_eval", "--small", str(small), "--big", str(big),
+           "--problems", str(args.carry / "problems_eval.jsonl"), "--calib-problems", str(args.carry / "problems_calib.jsonl"), "--n", str(n), "--n-calib", "100000",
            "--workers", str(workers), "--log-dir", str(log_dir), "--time-budget-s", f"{budget_s:.0f}",
            "--suffix", suffix, *(LEAN_ARGS if args.lean else EVAL_ARGS), *extra, *shlex.split(args.eval_extra)]
     log("run: " + " ".join(cmd))
@@ -298,7 +311,7 @@ def device(args) -> int:
         n = sum(1 for line in (args.carry / "problems_eval.jsonl").read_text().splitlines() if line.strip())
         rc = run_eval(args, paths, main_dir, workers=args.workers, n=n, budget_s=left() - args.grace_s,
                       suffix=args.suffix)
-        stages.append({"stage": "main", "rc": rc})
+        stages.append({"stage": "main", "rc": rc, "done_problems": _main_done(main_dir), "of": n})
     status.update(stages=stages, wall_s=time.perf_counter() - t0)
     log(json.dumps(status, default=str))
     pack(args, work, status)
@@ -318,8 +331,9 @@ def session_plan(args) -> str:
              "when it goes back: then the carry calls start again, the logs resume from logs.tar.gz).",
              f"carry calls 1..{n_parts} (~20-40 s each with the transfer; ~{n_parts * 0.5:.0f} min): carry "
              f"{base} + {args.carry}/partNN (NN = 00..{n_parts - 1:02d}, one per call), command:",
-             f"  {pre}timeout 590 python scripts/device_qwen_parts.py device --deadline-s 570",
-             "  (each call stashes its part; the last one assembles and verifies both GGUFs, then starts evaluating)",
+             f"  {pre}timeout 590 python3 scripts/device_qwen_parts.py device --deadline-s 570",
+             "  (each call stashes its part; the last one assembles and verifies both GGUFs, then starts evaluating;"
+             " status.json in $OUT says which part is missing and how many problems are done)",
              "evaluation calls (9.5 min each, same carry without a part, same command): the first converts the GGUFs "
              "(~1 min), runs the latency stage (calibration ~2 min, throughputs by 4 decode paths ~3-4 min, then "
              f"{args.latency_n} problems x 10 modes in one process), the rest run the main stage with "

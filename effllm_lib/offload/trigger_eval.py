@@ -23,7 +23,7 @@ Device session plan (the Qwen pair on the H200; ``scripts/device_qwen_parts.py``
   ~20 parts of <= 55 MiB + a sha256 manifest, under ``.device-carry/qwen``; ~1-2 min) and ``... problems``
   (``held_out_problems(400, 4)``: 1,200 evaluation problems, 400 each of gsm_symbolic held-out templates,
   multistep_arithmetic, elementary_math_qa, interleaved; 12 calibration problems, disjoint).
-* There, every call the same command ``timeout 590 python scripts/device_qwen_parts.py device --deadline-s 570``
+* There, every call the same command ``timeout 590 python3 scripts/device_qwen_parts.py device --deadline-s 570``
   (after installing the carried gguf wheel into /tmp/site), carrying the manifest, the two problem files, the gguf
   wheel, ``logs.tar.gz`` when a previous session left one, and one part:
   - calls 1..P (P = number of parts, ~20; ~0.5 min each): each stashes its part (checked) under /tmp; the last
