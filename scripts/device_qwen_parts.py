@@ -238,7 +238,8 @@ def run_eval(args, paths: dict, log_dir: Path, *, workers: int, n: int, budget_s
     """trigger_eval in its own process group, killed if it runs past ``budget_s`` + the grace time."""
     small, big = (args.models.split(",") if args.models else (paths["smollm2-135m"], paths["qwen2.5-1.5b"]))
     cmd = [sys.executable, "-m", "effllm_lib.offload.trigger_eval", "--small", str(small), "--big", str(big),
-           "--problems", str(args.carry / "problems_eval.jsonl"), "--calib-problems", str(args.carry / "problems_calib.jsonl"), "--n", str(n), "--n-calib", "100000",
+           "--problems", str(args.carry / "problems_eval.jsonl"),
+           "--calib-problems", str(args.carry / "problems_calib.jsonl"), "--n", str(n), "--n-calib", "100000",
            "--workers", str(workers), "--log-dir", str(log_dir), "--time-budget-s", f"{budget_s:.0f}",
            "--suffix", suffix, *(LEAN_ARGS if args.lean else EVAL_ARGS), *extra, *shlex.split(args.eval_extra)]
     log("run: " + " ".join(cmd))
