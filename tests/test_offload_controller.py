@@ -39,11 +39,13 @@ class Forced(nn.Module):
         out = self.inner(input_ids=input_ids, position_ids=position_ids, **kw)
         logits = out.logits
         logits[..., self.banned] -= 1e4
-        nxt = position_ids[:, -1] + 1
+        # every kept logit row, by its own position (a token-tree probe keeps logits at many positions)
+        nxt = position_ids[:, -logits.shape[1]:] + 1
         for b in range(logits.shape[0]):
-            tok = self.forced.get(int(nxt[b]))
-            if tok is not None:
-                logits[b, -1, tok] += 2e4
+            for t in range(logits.shape[1]):
+                tok = self.forced.get(int(nxt[b, t]))
+                if tok is not None:
+                    logits[b, t, tok] += 2e4
         return out
 
 
@@ -116,11 +118,12 @@ def run_tags(toks, use_cache, forced, same_tokenizer=False, **kw):
     return Controller(small, big, use_cache=use_cache, **params).generate(PROMPT_S, PROMPT_B, mode="tags")
 
 
+@pytest.mark.parametrize("probe_kv", ["shared", "copy"])
 @pytest.mark.parametrize("same_tokenizer", [True, False])
-def test_tags_mode_equals_no_cache_reference(toks, same_tokenizer):
+def test_tags_mode_equals_no_cache_reference(toks, same_tokenizer, probe_kv):
     n_prompt = len(toks[0](PROMPT_S, add_special_tokens=False)["input_ids"])
     forced = {n_prompt + 5: "open", n_prompt + 16: "close", n_prompt + 30: "open", n_prompt + 33: "close"}
-    cached = run_tags(toks, True, forced, same_tokenizer)
+    cached = run_tags(toks, True, forced, same_tokenizer, probe_kv=probe_kv)
     ref = run_tags(toks, False, forced, same_tokenizer)
     assert cached.text == ref.text
     assert cached.segments == ref.segments

@@ -87,3 +87,54 @@ def test_cli_with_two_workers_covers_every_problem_once(tmp_path):
     again = run_cli(argv)
     assert sum(len(read_log(f)) for f in tmp_path.glob("w*/*.jsonl")) == lines
     pd.testing.assert_frame_equal(again.drop(columns="wall_s_per_problem"), summary.drop(columns="wall_s_per_problem"))
+
+
+@pytest.mark.slow
+def test_cli_latency_tables(tmp_path, monkeypatch):
+    """--latency measures each model alone once per log dir and writes measured vs simulated time per mode."""
+    from effllm_lib import results
+    from effllm_lib.offload.parallel import export_problems
+    from effllm_lib.offload.trigger_eval import run_cli
+
+    exported = export_problems("multistep_arithmetic", 2, 1, tmp_path / "problems.jsonl")
+    (tmp_path / "data" / "results").mkdir(parents=True)
+    monkeypatch.setenv("EFFLLM_DATA_DIR", str(tmp_path / "data"))  # results go there, not into the checkout
+    argv = ["--small", "tiny:llama:1", "--big", "tiny:qwen2:2", "--n", "2", "--n-calib", "1",
+            "--problems", str(exported), "--calib-problems", str(exported), "--max-new-tokens", "6",
+            "--kinds", "gap", "--step-budgets",
+            "--window", "3", "--big-span", "3", "--budgets", "0.3", "--no-assisted", "--scale", "ci",
+            "--log-dir", str(tmp_path / "logs"), "--threads", "1", "--latency", "--latency-methods", "dynamic,static"]
+    run_cli(argv)
+    tp = results.read(results.results_path("splitreason", "throughput", "ci"))
+    assert sorted(tp.model) == ["big", "big", "small", "small"] and (tp.status == "ok").all()
+    lat = results.read(results.results_path("splitreason", "trigger_latency", "ci")).set_index("mode")
+    assert list(lat.index) == ["small only", "big only", "gap 30%", "random 30%"]
+    assert (lat.problems == 2).all() and (lat.sequential_s > 0).all() and (lat.pipelined_sim_s > 0).all()
+    assert (lat.measured_s > 0).all()
+    assert (tmp_path / "logs" / "throughput.json").is_file()  # a resume reuses it
+
+
+@pytest.mark.slow  # reasoning-gym's dataset build: ~25 s
+def test_held_out_problems_are_disjoint_interleaved_and_held_out(tmp_path):
+    import json
+
+    from effllm_lib.offload.parallel import provisional_problems, read_problems
+    from effllm_lib.offload.problems import load_problems
+    from effllm_lib.offload.sft_data import held_out_templates
+    from effllm_lib.offload.trigger_eval import HELD_OUT_SOURCES, held_out_problems
+
+    ev, cal = held_out_problems(4, 2)
+    assert len(ev) == 12 and len(cal) == 6
+    assert [r["source"] for r in ev[:3]] == list(HELD_OUT_SOURCES)  # interleaved
+    assert not {r["id"] for r in ev} & {r["id"] for r in cal}
+    assert all(r["template"] in held_out_templates() for r in ev + cal if r["source"] == "gsm_symbolic")
+    # the multistep draw is notebook 02's (load_problems with seed 1), first rows first
+    assert [r["id"] for r in ev if r["source"] == "multistep_arithmetic"] == \
+        [p.id for p in load_problems("multistep_arithmetic", 4, seed=1)]
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in ev))
+    probs = provisional_problems(read_problems(path))  # what the device reads
+    assert [p.id for p in probs] == [r["id"] for r in ev]
+    assert probs[0].score(f"so \\boxed{{{ev[0]['answer']}}}") == 1.0
+    with pytest.raises(ValueError, match="n_per_source"):
+        held_out_problems(0, 1)

