@@ -23,6 +23,7 @@ the KV cache at the given context); bytes over the measured read bandwidth is th
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -145,14 +146,16 @@ def random_overrides(model: nn.Module, kind: str, bits: int = 4, group_size: int
         raise ValueError(f"kind must be 'bitmod' or 'int4', got {kind!r}")
     device = model.lm_head.weight.device
     g = torch.Generator(device=device).manual_seed(seed)
-    out = {}
+    out, first = {}, {}
     for name in names or decoder_linears(model):
         lin = model.get_submodule(name)
         n, k = lin.out_features, lin.in_features
-        if kind == "bitmod":
-            out[name] = BitMoDLinear.from_packed(random_packed(n, k, bits, group_size, device, g), lin.bias)
+        if (n, k) in first:   # a copy in its own memory (no cache sharing), made faster than new random codes
+            out[name] = copy.deepcopy(first[n, k])
+        elif kind == "bitmod":
+            out[name] = first[n, k] = BitMoDLinear.from_packed(random_packed(n, k, bits, group_size, device, g))
         else:
-            out[name] = Int4Linear.random(n, k, device, g)
+            out[name] = first[n, k] = Int4Linear.random(n, k, device, g)
     return out
 
 
