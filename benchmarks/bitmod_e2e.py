@@ -1,6 +1,6 @@
 """End-to-end decode tokens/s at batch 1: packed BitMoD (3 and 4 bits) vs torch bf16 vs torch int4 weight-only.
 
-    python benchmarks/bitmod_e2e.py --scale ci                                     # tiny CPU smoke test (~1 min)
+    python benchmarks/bitmod_e2e.py --scale ci        # CPU smoke test: 2 layers of each model (minutes on 2 cores)
     python benchmarks/bitmod_e2e.py --device cuda --tag _h200 --gguf PATH         # GPU: SmolLM2 + Llama-3-8B
     python benchmarks/bitmod_e2e.py --device cpu --tag _xeon --models llama3-8b   # CPU kernels (AVX-512 / AVX2)
 
@@ -26,7 +26,8 @@ of it reached. ``agree_with_bf16``: the fraction of decode steps fed the same to
 On the real model, a check that the static decoder's logits after the prompt match transformers' own forward
 of the same (quantized) model, which on a GPU runs the multi-token Triton path: ``logits_rel_err_vs_hf``.
 
-Writes data/results/bitmod/e2e_{gpu,cpu}<tag>.csv, or e2e_{gpu,cpu}_{smollm2,llama8b}<tag>.csv when --models names one (scale full; --scale ci: data/results/bitmod/ci/).
+Writes data/results/bitmod/e2e_{gpu,cpu}<tag>.csv, or e2e_{gpu,cpu}_{smollm2,llama8b}<tag>.csv when --models
+names one model (scale full; --scale ci: data/results/bitmod/ci/).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ import torch
 
 from effllm_lib import results
 from effllm_lib.bitmod import e2e
-from effllm_lib.bitmod.packed import BitMoDLinear
 from effllm_lib.bitmod.quantize import BitMoDConfig, quantize_
 
 MODELS = ("smollm2-135m", "llama3-8b")
@@ -232,8 +232,8 @@ def main(argv=None) -> int:
     params = {"device": device, "prompt": args.prompt, "steps": args.steps, "rounds": args.rounds,
               "bits": args.bits, "group_size": 128, "layers": args.layers or "all", "read_gbs": round(bw / 1e9, 2),
               "bandwidth_method": bw_method, "threads": torch.get_num_threads(),
-              "timing": ("one CUDA graph replay per decode step (StaticDecoder.advance), CUDA events" if device == "cuda"
-                         else "one Python call per decode step, perf_counter"),
+              "timing": ("one CUDA graph replay per decode step (StaticDecoder.advance), CUDA events"
+                         if device == "cuda" else "one Python call per decode step, perf_counter"),
               "bitmod_kernel": "Triton (autotuned on first use)" if device == "cuda" else "cpu_gemv (widest SIMD)",
               "torch_int4": ("aten._weight_int4pack_mm (tinygemm)" if device == "cuda"
                              else "aten._weight_int4pack_mm_for_cpu") + ", asymmetric, group 128 (64 for SmolLM2)",
