@@ -158,7 +158,11 @@ def run_model(name, args, device, bw) -> tuple[list[dict], dict]:
                 except Exception as exc:  # noqa: BLE001
                     notes[f"logits_rel_err_vs_hf_{impl}"] = f"failed: {type(exc).__name__}: {exc}"[:300]
         if device == "cuda":
-            steppers[impl] = e2e.GraphedStep(dec, tok, pos)
+            try:
+                steppers[impl] = e2e.GraphedStep(dec, tok, pos)
+            except Exception as exc:  # noqa: BLE001 - recorded; that implementation is then timed eagerly
+                notes[f"graph_failed_{impl}"] = f"{type(exc).__name__}: {exc}"[:300]
+                torch.cuda.synchronize()
         decs[impl] = dec
         notes[f"setup_s_{impl}"] = round(time.perf_counter() - t0, 1)
         log(f"{name} {impl}: ready in {notes[f'setup_s_{impl}']} s")
@@ -167,7 +171,8 @@ def run_model(name, args, device, bw) -> tuple[list[dict], dict]:
     impls = list(decs)
     for r in range(args.rounds):
         for impl in impls[r % len(impls):] + impls[:r % len(impls)]:
-            ts, toks = e2e.decode_times(decs[impl], prompt, args.steps, step_fn=steppers.get(impl))
+            ts, toks = e2e.decode_times(decs[impl], prompt, args.steps, step_fn=steppers.get(impl),
+                                        graph=impl in steppers)
             times[impl] += ts
             fed[impl] = toks
     rows = []
@@ -177,7 +182,8 @@ def run_model(name, args, device, bw) -> tuple[list[dict], dict]:
         b = e2e.bytes_per_token(decs[impl], context=args.prompt + args.steps // 2)
         ceiling = bw / b["total"]
         bits = int(impl.split("_")[1][0]) if impl.startswith("bitmod") else (4 if impl == "torch_int4" else 16)
-        rows.append({"model": name, "impl": impl, "bits": bits, **s, "speedup_vs_bf16": base / s["ms_per_token"],
+        rows.append({"model": name, "impl": impl, "bits": bits, "cuda_graph": impl in steppers, **s,
+                     "speedup_vs_bf16": base / s["ms_per_token"],
                      "bytes_per_token": b["total"], "linear_bytes": b["linears"], "ceiling_tokens_per_s": ceiling,
                      "frac_of_ceiling": s["tokens_per_s"] / ceiling,
                      "agree_with_bf16": (sum(a == c for a, c in zip(fed[impl], fed["torch_bf16"])) / args.steps
