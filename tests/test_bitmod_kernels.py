@@ -166,15 +166,15 @@ CASES = [  # bits, group, rows, cols, tokens, x dtype, weight dtype
 
 
 @needs_triton
-@pytest.mark.parametrize("path", ["batch1", "dot"])
+@pytest.mark.parametrize("path", ["batch1", "dot", "dot_swap"])
 @pytest.mark.parametrize("bits,group_size,rows,cols,tokens,x_dtype,w_dtype", CASES)
 def test_triton_against_references(path, bits, group_size, rows, cols, tokens, x_dtype, w_dtype):
-    """Each path against its own float64 reference with an FP32-accumulation bound: the batch-1 path against
-    x @ (value x scale) + bias, the tl.dot path against x @ (the fake-quantized weight in x's dtype) + bias, i.e.
-    quantize_'s own weights. Tiles of 16 rows x 2 groups, so every case has several programs per row and a
-    partial last tile in both directions."""
+    """Every path against the float64 reference x @ (value x scale) + bias (packed.py's pure-torch unpacking)
+    with an FP32-accumulation bound plus the rounding of the output to x's dtype: both paths multiply by the
+    group's scale after the sum. Tiles of 16 rows x 2 groups, so every case has several programs per row and a
+    partial last tile in both directions; the tl.dot path with and without swapped operands."""
     device = triton_device()
-    if device == "cpu" and path == "dot" and x_dtype == torch.bfloat16:
+    if device == "cpu" and path != "batch1" and x_dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter multiplies bf16 tl.dot operands as raw bits (triton-lang/triton#11584)")
     if device == "cpu" and tokens > 8 and path == "batch1":
         pytest.skip("one program per token: slow in the interpreter, the same code as tokens <= 8")
@@ -183,11 +183,12 @@ def test_triton_against_references(path, bits, group_size, rows, cols, tokens, x
     bias = torch.randn(rows).to(x_dtype)
     pd = type(p)(p.codes.to(device), p.scales.to(device), p.type_ids.to(device), p.in_features, p.bits,
                  p.group_size, p.dtype)
-    cfg = ({"use_dot": False, "block_m": 1, "block_n": 16, "groups_per_prog": 2} if path == "batch1" else
-           {"use_dot": True, "block_m": 16, "block_n": 16, "groups_per_prog": 2})
+    cfg = ({"use_dot": False, "block_m": 1, "block_n": 16, "groups_per_prog": 2, "swap_ab": False}
+           if path == "batch1" else
+           {"use_dot": True, "block_m": 16, "block_n": 16, "groups_per_prog": 2, "swap_ab": path == "dot_swap"})
     out = triton_gemv.bitmod_linear_triton(x.to(device), pd, bias.to(device), config=cfg)
     assert out.dtype == x_dtype and out.shape == (tokens, rows)
-    w = unrounded_weight(p) if path == "batch1" else fq.to(x_dtype).double()
+    w = unrounded_weight(p)
     ref = x.double() @ w.T + bias.double()
     bound = HALF_ULP[x_dtype] * ref.abs() + 4 * cols * 2.0 ** -24 * (x.double().abs() @ w.abs().T) + 1e-6
     assert ((out.cpu().double() - ref).abs() <= bound).all()
@@ -225,3 +226,27 @@ def test_triton_bad_inputs():
         triton_gemv.bitmod_linear_triton(torch.randn(1, 128), p, config={"blockn": 32})
     with pytest.raises(ValueError, match="block_m and block_n >= 16"):
         triton_gemv.bitmod_linear_triton(torch.randn(1, 128), p, config={"use_dot": True, "block_m": 8})
+
+
+@needs_triton
+@pytest.mark.parametrize("seed", range(4))
+def test_triton_gemm_path_fuzzed(seed):
+    """The tl.dot (GEMM) path over random shapes, ragged tails, group sizes, token counts and tiles (fp16 and
+    fp32 activations: the interpreter cannot run bf16 tl.dot), against x @ (value x scale)."""
+    device = triton_device()
+    rnd = random.Random(100 + seed)
+    bits, group_size = rnd.choice([3, 4]), rnd.choice([64, 128, 256])
+    cols = rnd.choice([group_size * rnd.randint(1, 3), rnd.randint(group_size // 2, 3 * group_size)])
+    rows, tokens = rnd.randint(1, 40), rnd.randint(2, 40)
+    x_dtype = rnd.choice([torch.float16, torch.float32])
+    fq, p = case(rows, cols, bits, group_size, rnd.choice([torch.bfloat16, torch.float16]), seed)
+    x = torch.randn(tokens, cols).to(x_dtype)
+    pd = type(p)(p.codes.to(device), p.scales.to(device), p.type_ids.to(device), p.in_features, p.bits,
+                 p.group_size, p.dtype)
+    cfg = {"use_dot": True, "block_m": rnd.choice([16, 32]), "block_n": rnd.choice([16, 32]),
+           "groups_per_prog": rnd.choice([1, 2, 3]), "swap_ab": rnd.random() < 0.5}
+    out = triton_gemv.bitmod_linear_triton(x.to(device), pd, config=cfg).cpu().double()
+    w = unrounded_weight(p)
+    ref = x.double() @ w.T
+    bound = HALF_ULP[x_dtype] * ref.abs() + 4 * cols * 2.0 ** -24 * (x.double().abs() @ w.abs().T) + 1e-6
+    assert ((out - ref).abs() <= bound).all(), (bits, group_size, rows, cols, tokens, cfg)

@@ -102,7 +102,7 @@ def bitmod_linear_cpu(x: torch.Tensor, p: PackedBitMoD, bias: torch.Tensor | Non
     """``x @ dequantize(p).T + bias`` with the LUT kernels; FP32 accumulation, returned in ``x.dtype``.
 
     ``out`` (float32 [tokens, out_features]) is written in place when given (the tests poison it first)."""
-    if x.device.type != "cpu":
+    if not x.is_cpu:
         raise ValueError(f"bitmod_linear_cpu needs a CPU tensor, got {x.device}")
     if not torch.is_floating_point(x):
         raise TypeError(f"x must be floating point, got {x.dtype}")
@@ -119,10 +119,17 @@ def bitmod_linear_cpu(x: torch.Tensor, p: PackedBitMoD, bias: torch.Tensor | Non
         raise ValueError(f"out must be float32 [{m}, {p.out_features}]")
     table = _lut_table(p.bits)
     b = None if bias is None else bias.detach().float().contiguous()
-    for t0 in range(0, m, MAX_TOKENS_PER_CALL):
-        t1 = min(m, t0 + MAX_TOKENS_PER_CALL)
-        err = ext.gemv(xg[t0:t1], p.codes, p.scales, p.type_ids, table, p.bits, padded_group(p.group_size),
-                       _ROUND_MODE[p.dtype], b, out[t0:t1], name)
-        if err:
-            raise RuntimeError(f"BitMoD {name} kernel: {err}")
+    gp, mode = padded_group(p.group_size), _ROUND_MODE[p.dtype]
+    if m <= MAX_TOKENS_PER_CALL:   # decode: no slicing (a Python tensor slice costs as much as a small GEMV)
+        err = ext.gemv(xg, p.codes, p.scales, p.type_ids, table, p.bits, gp, mode, b, out, name)
+    else:
+        for t0 in range(0, m, MAX_TOKENS_PER_CALL):
+            t1 = min(m, t0 + MAX_TOKENS_PER_CALL)
+            err = ext.gemv(xg[t0:t1], p.codes, p.scales, p.type_ids, table, p.bits, gp, mode, b, out[t0:t1], name)
+            if err:
+                break
+    if err:
+        raise RuntimeError(f"BitMoD {name} kernel: {err}")
+    if x.dtype == torch.float32 and x.dim() == 2:
+        return out
     return out.to(x.dtype).view(*x.shape[:-1], p.out_features)

@@ -24,8 +24,15 @@ memory, is the limit. So the kernel is built to be cheap per weight and to keep 
   the partial sums (as BitMoD's own PE does). This path multiplies by value x scale unrounded, not by the weight
   rounded to its dtype (at most half an ulp of the weight dtype apart per weight). Compiled for sm_90 it spends
   about 8 SASS instructions per weight: at H200 rates that, not HBM bandwidth, is the limit.
-* Batch > 1 path (``USE_DOT=True``): each code lane is decoded, multiplied by the scale and rounded to the
-  weight dtype (bit for bit the fake-quantized weight), then ``tl.dot`` over the tokens.
+* Batch > 1 path (``USE_DOT=True``), a GEMM: each program decodes each of its groups once, in column order
+  (4 bits: the low, then the high nibbles of the group's G/2 bytes are two contiguous runs of G/2 columns; 3
+  bits: the four 2-bit fields of its G/4 plane bytes, four runs of G/4), to the exact code values (the FP16
+  pattern's value x 2^-15 is a normal bf16; for fp16 activations scaled back to -16..16), and runs one
+  ``tl.dot`` (FP32 accumulation) per run against the activations' matching columns; the group's scale
+  multiplies the dot's result, as in the batch-1 path (so both paths multiply by value x scale unrounded).
+  ``SWAP_AB`` computes value . x^T (weight rows as the MMA's M dimension, at least 64 on Hopper's wgmma, tokens
+  as its N): the decoded weight is then the register operand and only the small activation tile is staged in
+  shared memory. Split-K over groups with FP32 atomics, as the batch-1 path.
 
 ``bitmod_linear_triton`` autotunes tile sizes per (token bucket, shape) with ``triton.autotune`` on first use
 (``config=`` pins one). Triton is optional: ``triton_available()`` says whether it imports; without a GPU,
@@ -96,13 +103,6 @@ def special_patterns32(bits: int) -> tuple[int, int]:
 if triton is not None:
 
     @triton.jit
-    def _round_bf16_bits(v):
-        """fp32 -> the nearest bf16 (ties to even), still as fp32, by integer ops (finite inputs)."""
-        u = v.to(tl.uint32, bitcast=True)
-        u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-        return u.to(tl.float32, bitcast=True)
-
-    @triton.jit
     def _shift(v, n: tl.constexpr):
         """v << n for n >= 0, else v >> -n (arithmetic: callers mask the bits they keep)."""
         if n >= 0:
@@ -164,16 +164,24 @@ if triton is not None:
         return sw
 
     @triton.jit
-    def _dot_lane(acc, h, special, s, x_ptr, toks, tok_ok, stride_xm, col, K, W_DTYPE: tl.constexpr,
-                  IN_PREC: tl.constexpr, BF16_BY_BITS: tl.constexpr):
-        """acc[tokens, rows] += x[:, col] . weight[rows, col]; the weight = value x scale rounded to its dtype."""
-        wf = _value(h, special) * s   # = value x scale in fp32, as dequantize computes it
-        if BF16_BY_BITS:  # Triton's interpreter truncates fp32 -> bf16; the GPU rounds to nearest even
-            wf = _round_bf16_bits(wf)
+    def _dot_codes(part, h, special, x_ptr, toks, tok_ok, stride_xm, col, K, UNIT: tl.constexpr,
+                   IN_PREC: tl.constexpr, SWAP_AB: tl.constexpr, X_FP16: tl.constexpr):
+        """part += x[:, col] . value[rows, col] for one run of columns of one group (no scale: the caller
+        scales the group's partial sums). The FP16 pattern's value x 2^-UNIT is exact in bf16 and fp32 (normal
+        numbers); for fp16 operands it is scaled back to the plain value (-16..16), off FP16's subnormal range.
+        SWAP_AB computes part^T = value . x^T [rows, tokens] instead: the decoded weight is then the register
+        operand of the MMA and only the small activation tile goes through shared memory."""
         xb = tl.load(x_ptr + toks[:, None] * stride_xm + col[None, :], mask=tok_ok[:, None] & (col < K)[None, :],
                      other=0.0)
-        wq = wf.to(W_DTYPE).to(xb.dtype)
-        return acc + tl.dot(xb, tl.trans(wq), out_dtype=tl.float32, input_precision=IN_PREC)
+        wv = _value(h, special)
+        if X_FP16:
+            wv = wv * UNIT
+        wq = wv.to(xb.dtype)
+        if SWAP_AB:
+            part += tl.dot(wq, tl.trans(xb), out_dtype=tl.float32, input_precision=IN_PREC)
+        else:
+            part += tl.dot(xb, tl.trans(wq), out_dtype=tl.float32, input_precision=IN_PREC)
+        return part
 
     # M and the token bucket unspecialized: one compiled kernel serves every token count of a path
     @triton.jit(do_not_specialize=["M", "m_bucket"])
@@ -181,10 +189,10 @@ if triton is not None:
                        M, N, K, n_groups, stride_xm, row_words, type_stride, m_bucket,
                        BITS: tl.constexpr, GROUP: tl.constexpr, UNIT: tl.constexpr,
                        ER_PAT: tl.constexpr, EA_PAT: tl.constexpr, UNIT32: tl.constexpr, X_SCALE: tl.constexpr,
-                       ER32: tl.constexpr, EA32: tl.constexpr, W_DTYPE: tl.constexpr, EVEN_K: tl.constexpr,
-                       IN_PREC: tl.constexpr, BF16_BY_BITS: tl.constexpr,
+                       ER32: tl.constexpr, EA32: tl.constexpr, EVEN_K: tl.constexpr,
+                       IN_PREC: tl.constexpr, X_FP16: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS_PER_PROG: tl.constexpr,
-                       USE_DOT: tl.constexpr):
+                       USE_DOT: tl.constexpr, SWAP_AB: tl.constexpr):
         # m_bucket: only the autotuner's key (a token-count bucket), unused here
         pid_n = tl.program_id(0)
         pid_k = tl.program_id(1)
@@ -197,46 +205,52 @@ if triton is not None:
         Q: tl.constexpr = GROUP // 4              # 3 bits: codes per 2-bit field position
         q = tl.arange(0, NW)
         if USE_DOT:
-            # ---- BLOCK_M tokens: weights decoded (value x scale rounded to the weight dtype), then tl.dot
+            # ---- BLOCK_M tokens: each group's codes decoded once to exact values (no scale), one tl.dot per
+            # contiguous run of columns (4 bits: the low and the high nibbles of the group's G/2 bytes; 3 bits:
+            # the four 2-bit fields of its G/4 plane bytes), the group's scale applied to the dot's FP32 result
             toks = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
             tok_ok = toks < M
-            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if SWAP_AB:
+                acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            else:
+                acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
             for gi in tl.static_range(GROUPS_PER_PROG):
                 gc, s, t = _group_meta(scales_ptr, types_ptr, rows_c, pid_k * GROUPS_PER_PROG + gi, n_groups,
                                        type_stride)
                 special = (tl.where(t >= 2, EA_PAT, ER_PAT) | ((t & 1) << 15))[:, None]   # FP16 pattern
-                s = s[:, None] * UNIT
-                if NW >= 16:  # one tl.dot per code position (lane), K = the NW words: as the batch-1 path decodes
-                    wrow = codes32_ptr + rows_c[:, None] * row_words + gc * WPG
-                    w = tl.load(wrow + q[None, :])
-                    if BITS == 4:
-                        for hi in tl.static_range(2):
-                            for b in tl.static_range(4):
-                                acc = _dot_lane(acc, _pattern4(w, 8 * b + 4 * hi), special, s, x_ptr, toks, tok_ok,
-                                                stride_xm, gc * GROUP + hi * (GROUP // 2) + 4 * q + b, K, W_DTYPE,
-                                                IN_PREC, BF16_BY_BITS)
-                    else:
-                        for k in tl.static_range(4):
-                            first = 4 * q + k * Q
-                            sw = _sign_words(codes32_ptr, wrow, rows_c, row_words, gc, first, k, WPG, NW, Q)
-                            for b in tl.static_range(4):
-                                acc = _dot_lane(acc, _pattern3(w, sw, first, b, k), special, s, x_ptr, toks, tok_ok,
-                                                stride_xm, gc * GROUP + first + b, K, W_DTYPE, IN_PREC, BF16_BY_BITS)
-                else:  # too few words per lane for tl.dot (K >= 16): decode the group in column order
-                    j = tl.arange(0, GROUP)
-                    brow = codes8_ptr + rows_c[:, None] * (row_words * 4) + gc * (WPG * 4)
-                    if BITS == 4:   # code j: byte j % (G/2), low nibble for j < G/2
-                        byte = tl.load(brow + (j % (GROUP // 2))[None, :]).to(tl.int32)
-                        c = (byte >> (4 * (j // (GROUP // 2)))[None, :]) & 15
-                        h = ((c & 7) << 9) | ((c & 8) << 12)
-                    else:   # code j: bits 2(j // Q) of 2-bit-plane byte j % Q; sign: bit j % 8 of sign byte j // 8
-                        byte = tl.load(brow + (j % Q)[None, :]).to(tl.int32)
-                        sb = tl.load(brow + Q + (j // 8)[None, :]).to(tl.int32)
-                        h = (((byte >> (2 * (j // Q))[None, :]) & 3) << 10) | (((sb >> (j % 8)[None, :]) & 1) << 15)
-                    acc = _dot_lane(acc, h, special, s, x_ptr, toks, tok_ok, stride_xm, gc * GROUP + j, K, W_DTYPE,
-                                    IN_PREC, BF16_BY_BITS)
-            tl.atomic_add(out_ptr + toks[:, None] * N + rows[None, :], acc,
-                          mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
+                brow = codes8_ptr + rows_c[:, None] * (row_words * 4) + gc * (WPG * 4)
+                if SWAP_AB:
+                    part = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+                else:
+                    part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+                if BITS == 4:   # byte j: code j (low nibble), code G/2 + j (high nibble)
+                    j = tl.arange(0, GROUP // 2)
+                    byte = tl.load(brow + j[None, :]).to(tl.int32)
+                    for hi in tl.static_range(2):
+                        part = _dot_codes(part, _pattern4(byte, 4 * hi), special, x_ptr, toks, tok_ok, stride_xm,
+                                          gc * GROUP + hi * (GROUP // 2) + j, K, UNIT, IN_PREC, SWAP_AB, X_FP16)
+                else:   # plane byte j: codes j + kQ in bits 2k..2k+1; code i's sign: bit i % 32 of sign word i // 32
+                    j = tl.arange(0, Q)
+                    byte = tl.load(brow + j[None, :]).to(tl.int32)
+                    wrow = codes32_ptr + rows_c[:, None] * row_words + gc * WPG + Q // 4
+                    for k in tl.static_range(4):
+                        first = k * Q + j
+                        sw = tl.load(wrow + (first // 32)[None, :])
+                        h = (((byte >> (2 * k)) & 3) << 10) | (((sw >> (first % 32)[None, :]) & 1) << 15)
+                        part = _dot_codes(part, h, special, x_ptr, toks, tok_ok, stride_xm, gc * GROUP + first, K,
+                                          UNIT, IN_PREC, SWAP_AB, X_FP16)
+                if not X_FP16:   # the values were x 2^-UNIT
+                    s = s * UNIT
+                if SWAP_AB:
+                    acc += part * s[:, None]
+                else:
+                    acc += part * s[None, :]
+            if SWAP_AB:
+                tl.atomic_add(out_ptr + toks[None, :] * N + rows[:, None], acc,
+                              mask=tok_ok[None, :] & row_ok[:, None], sem="relaxed")
+            else:
+                tl.atomic_add(out_ptr + toks[:, None] * N + rows[None, :], acc,
+                              mask=tok_ok[:, None] & row_ok[None, :], sem="relaxed")
         else:
             # ---- one token per program: int32 words, one lane per code position, FP32 multiply-add, the
             # group's scale applied to the group's partial sums. Codes decode straight to FP32 bit patterns
@@ -284,21 +298,25 @@ if triton is not None:
         # loads and conversions to ~1/4 instruction per weight; SASS counts per weight are in the benchmark
         cfgs = []
         for bn, gpp, nw in ((128, 2, 2), (256, 2, 4), (128, 1, 2), (128, 2, 4), (128, 4, 4), (256, 4, 8)):
-            cfgs.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "GROUPS_PER_PROG": gpp, "USE_DOT": False},
-                                      num_warps=nw))
-        for bm, bn, gpp, nw in ((16, 64, 1, 4), (16, 64, 2, 4), (16, 128, 2, 4), (32, 64, 2, 4), (64, 64, 2, 4),
-                                (64, 128, 1, 8)):
-            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUPS_PER_PROG": gpp, "USE_DOT": True},
-                                      num_warps=nw))
+            cfgs.append(triton.Config({"BLOCK_M": 1, "BLOCK_N": bn, "GROUPS_PER_PROG": gpp, "USE_DOT": False,
+                                       "SWAP_AB": False}, num_warps=nw))
+        # tl.dot path: swapped (weight rows as the MMA's M, the decoded weight its register operand) or not
+        for bm, bn, gpp, nw, swap in ((16, 64, 2, 4, True), (16, 128, 2, 4, True), (16, 128, 4, 8, True),
+                                      (16, 64, 2, 4, False), (32, 128, 2, 4, True), (64, 128, 2, 8, True),
+                                      (64, 128, 1, 4, True), (64, 64, 2, 4, False)):
+            cfgs.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "GROUPS_PER_PROG": gpp, "USE_DOT": True,
+                                       "SWAP_AB": swap}, num_warps=nw))
         return cfgs
 
     def _prune(configs, named_args, **kwargs):
-        """One token: the batch-1 configs (the tl.dot path spends about twice the instructions per weight);
-        more tokens: tl.dot configs whose token block does not exceed the bucket (16 at least)."""
+        """One token: the batch-1 configs (the tl.dot path pads the tokens to 16). 2-4 tokens: the tl.dot configs
+        with 16-token blocks and the first two batch-1 configs (a program per token, the weight re-read from
+        L2 or HBM per token); more tokens: tl.dot configs whose token block does not exceed the bucket."""
         mb = named_args["m_bucket"]
         if mb == 1:
             return [c for c in configs if not c.kwargs["USE_DOT"]]
-        return [c for c in configs if c.kwargs["USE_DOT"] and c.kwargs["BLOCK_M"] <= max(16, mb)]
+        dot = [c for c in configs if c.kwargs["USE_DOT"] and c.kwargs["BLOCK_M"] <= max(16, mb)]
+        return dot + ([c for c in configs if not c.kwargs["USE_DOT"]][:2] if mb <= 4 else [])
 
     _bitmod_kernel_tuned = triton.autotune(
         configs=_configs(), key=["m_bucket", "N", "K", "BITS", "GROUP"], reset_to_zero=["out_ptr"],
@@ -309,7 +327,7 @@ _TL_DTYPE = {}
 if tl is not None:
     _TL_DTYPE = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
-CONFIG_KEYS = ("block_m", "block_n", "groups_per_prog", "use_dot", "num_warps")
+CONFIG_KEYS = ("block_m", "block_n", "groups_per_prog", "use_dot", "swap_ab", "num_warps")
 
 
 def token_bucket(m: int) -> int:
@@ -319,14 +337,16 @@ def token_bucket(m: int) -> int:
 def default_config(m: int) -> dict:
     """The config used without autotuning (the interpreter, or ``config={}``): batch-1 path for one token."""
     if m == 1:
-        return {"block_m": 1, "block_n": 128, "groups_per_prog": 2, "use_dot": False, "num_warps": 2}
-    return {"block_m": 16 if m <= 16 else 32, "block_n": 64, "groups_per_prog": 1, "use_dot": True, "num_warps": 4}
+        return {"block_m": 1, "block_n": 128, "groups_per_prog": 2, "use_dot": False, "swap_ab": False,
+                "num_warps": 2}
+    return {"block_m": 16 if m <= 16 else 32, "block_n": 64, "groups_per_prog": 2, "use_dot": True, "swap_ab": True,
+            "num_warps": 4}
 
 
 def _as_dict(cfg) -> dict:
     kw = cfg.kwargs
     return {"block_m": kw["BLOCK_M"], "block_n": kw["BLOCK_N"], "groups_per_prog": kw["GROUPS_PER_PROG"],
-            "use_dot": kw["USE_DOT"], "num_warps": cfg.num_warps}
+            "use_dot": kw["USE_DOT"], "swap_ab": kw["SWAP_AB"], "num_warps": cfg.num_warps}
 
 
 def last_config() -> dict | None:
@@ -375,9 +395,8 @@ def _prepare(x: torch.Tensor, p: PackedBitMoD, config: dict | None):
     er32, ea32 = special_patterns32(p.bits)
     meta = dict(BITS=p.bits, GROUP=gs, UNIT=float(2 ** UNIT_LOG2[p.bits]), ER_PAT=er_pat, EA_PAT=ea_pat,
                 UNIT32=float(2.0 ** (UNIT32_LOG2[p.bits] - X_LOG2)), X_SCALE=float(2.0 ** X_LOG2), ER32=er32, EA32=ea32,
-                W_DTYPE=_TL_DTYPE[p.dtype], EVEN_K=p.in_features % gs == 0,
-                IN_PREC="ieee" if x.dtype == torch.float32 else "tf32",
-                BF16_BY_BITS=p.dtype == torch.bfloat16 and _interpreting())
+                EVEN_K=p.in_features % gs == 0, IN_PREC="ieee" if x.dtype == torch.float32 else "tf32",
+                X_FP16=x.dtype == torch.float16)
 
     def grid(meta_):
         return (triton.cdiv(n, meta_["BLOCK_N"]), triton.cdiv(p.n_groups, meta_["GROUPS_PER_PROG"]),
@@ -390,11 +409,11 @@ def _launch(args, meta, grid, config: dict, m: int):
     cfg = {**default_config(m), **config}
     if cfg["use_dot"] and (cfg["block_m"] < 16 or cfg["block_n"] < 16):
         raise ValueError(f"the tl.dot path needs block_m and block_n >= 16, got {cfg}")
-    if not cfg["use_dot"] and cfg["block_m"] != 1:
-        raise ValueError(f"the batch-1 path takes one token per program (block_m=1), got {cfg}")
+    if not cfg["use_dot"] and (cfg["block_m"] != 1 or cfg["swap_ab"]):
+        raise ValueError(f"the batch-1 path takes one token per program (block_m=1, swap_ab=False), got {cfg}")
     return _bitmod_kernel[grid](*args, **meta, BLOCK_M=cfg["block_m"], BLOCK_N=cfg["block_n"],
                                 GROUPS_PER_PROG=cfg["groups_per_prog"], USE_DOT=cfg["use_dot"],
-                                num_warps=cfg["num_warps"])
+                                SWAP_AB=cfg["swap_ab"], num_warps=cfg["num_warps"])
 
 
 def bitmod_linear_triton(x: torch.Tensor, p: PackedBitMoD, bias: torch.Tensor | None = None,

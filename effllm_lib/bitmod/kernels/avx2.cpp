@@ -33,50 +33,89 @@ inline __m256 lookup16(__m256i idx, __m256 lo, __m256 hi) {
   return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));  // bit 3 -> sign bit
 }
 
-template <int MB>
-void rows(const GemvProblem& p, int64_t row_begin, int64_t row_end) {
+inline float scale_of(const GemvProblem& p, int64_t row, int64_t g) {  // F16C: exact, subnormals included
+  const int64_t i = row * p.n_groups + g;
+  if (p.scale_fp32) return static_cast<const float*>(p.scales)[i];
+  return _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(static_cast<const uint16_t*>(p.scales)[i])));
+}
+
+// R rows at once and S accumulators per row and token (independent FMA chains; see avx512.cpp), within the
+// 16 ymm registers: two rows for one token, two chains up to 4 tokens
+template <int MB, int R, int S>
+void row_block(const GemvProblem& p, int64_t r0) {
   const int64_t gbytes = bitmod_group_bytes(p), gp = p.gp, half = gp / 2, q = gp / 4;
   const __m256i bit_of_lane = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  for (int64_t r = row_begin; r < row_end; ++r) {
-    __m256 acc[MB];
-    for (int b = 0; b < MB; ++b) acc[b] = _mm256_setzero_ps();
-    const uint8_t* row_codes = p.codes + r * p.n_groups * gbytes;
-    for (int64_t g = 0; g < p.n_groups; ++g) {
-      const float* values = p.table + 16 * bitmod_type(p, r, g);
-      const __m256 s = _mm256_set1_ps(bitmod_scale(p, r, g));
-      const __m256 lut_lo = round_lut(_mm256_mul_ps(_mm256_loadu_ps(values), s), p.round_mode);
-      const __m256 lut_hi = round_lut(_mm256_mul_ps(_mm256_loadu_ps(values + 8), s), p.round_mode);
-      const uint8_t* c = row_codes + g * gbytes;
-      const float* xg = p.x + g * gp;
-      if (p.bits == 4) {
-        for (int64_t j = 0; j < half; j += 8) {
-          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + j)));
-          const __m256 lo = lookup16(b, lut_lo, lut_hi);  // bits 4-7 of b: blend reads bit 3 only after << 28
-          const __m256 hi = lookup16(_mm256_srli_epi32(b, 4), lut_lo, lut_hi);
-          for (int mb = 0; mb < MB; ++mb) {
-            acc[mb] = _mm256_fmadd_ps(lo, _mm256_loadu_ps(xg + mb * p.ldx + j), acc[mb]);
-            acc[mb] = _mm256_fmadd_ps(hi, _mm256_loadu_ps(xg + mb * p.ldx + half + j), acc[mb]);
+  __m256 acc[R][MB][S];
+  for (int i = 0; i < R; ++i)
+    for (int b = 0; b < MB; ++b)
+      for (int s = 0; s < S; ++s) acc[i][b][s] = _mm256_setzero_ps();
+  const uint8_t* row_codes[R];
+  for (int i = 0; i < R; ++i) row_codes[i] = p.codes + (r0 + i) * p.n_groups * gbytes;
+  for (int64_t g = 0; g < p.n_groups; ++g) {
+    __m256 lut_lo[R], lut_hi[R];
+    const uint8_t* c[R];
+    for (int i = 0; i < R; ++i) {
+      const float* values = p.table + 16 * bitmod_type(p, r0 + i, g);
+      const __m256 s = _mm256_set1_ps(scale_of(p, r0 + i, g));
+      lut_lo[i] = round_lut(_mm256_mul_ps(_mm256_loadu_ps(values), s), p.round_mode);
+      lut_hi[i] = round_lut(_mm256_mul_ps(_mm256_loadu_ps(values + 8), s), p.round_mode);
+      c[i] = row_codes[i] + g * gbytes;
+    }
+    const float* xg = p.x + g * gp;
+    if (p.bits == 4) {
+      for (int64_t j = 0; j < half; j += 8) {
+        __m256 lo[R], hi[R];
+        for (int i = 0; i < R; ++i) {
+          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c[i] + j)));
+          lo[i] = lookup16(b, lut_lo[i], lut_hi[i]);  // bits 4-7 of b: blend reads bit 3 only after << 28
+          hi[i] = lookup16(_mm256_srli_epi32(b, 4), lut_lo[i], lut_hi[i]);
+        }
+        for (int mb = 0; mb < MB; ++mb) {
+          const __m256 xl = _mm256_loadu_ps(xg + mb * p.ldx + j), xh = _mm256_loadu_ps(xg + mb * p.ldx + half + j);
+          for (int i = 0; i < R; ++i) {
+            acc[i][mb][0] = _mm256_fmadd_ps(lo[i], xl, acc[i][mb][0]);
+            acc[i][mb][S - 1] = _mm256_fmadd_ps(hi[i], xh, acc[i][mb][S - 1]);
           }
         }
-      } else {
-        const uint8_t* plane1 = c + q;
-        for (int64_t j = 0; j < q; j += 8) {
-          const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c + j)));
-          for (int k = 0; k < 4; ++k) {
-            const __m256i high_bits = _mm256_and_si256(_mm256_set1_epi32(plane1[(j + k * q) / 8]), bit_of_lane);
+      }
+    } else {
+      for (int64_t j = 0; j < q; j += 8) {
+        __m256i b[R];
+        for (int i = 0; i < R; ++i)
+          b[i] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(c[i] + j)));
+        for (int k = 0; k < 4; ++k) {
+          __m256 w[R];
+          for (int i = 0; i < R; ++i) {
+            const __m256i high_bits = _mm256_and_si256(_mm256_set1_epi32(c[i][q + (j + k * q) / 8]), bit_of_lane);
             const __m256i high = _mm256_andnot_si256(_mm256_cmpeq_epi32(high_bits, _mm256_setzero_si256()),
                                                      _mm256_set1_epi32(4));
-            const __m256i idx3 = _mm256_and_si256(_mm256_srli_epi32(b, 2 * k), _mm256_set1_epi32(3));
-            const __m256 w = _mm256_permutevar8x32_ps(lut_lo, _mm256_or_si256(idx3, high));
-            for (int mb = 0; mb < MB; ++mb)
-              acc[mb] = _mm256_fmadd_ps(w, _mm256_loadu_ps(xg + mb * p.ldx + k * q + j), acc[mb]);
+            const __m256i idx3 = _mm256_and_si256(_mm256_srli_epi32(b[i], 2 * k), _mm256_set1_epi32(3));
+            w[i] = _mm256_permutevar8x32_ps(lut_lo[i], _mm256_or_si256(idx3, high));
+          }
+          for (int mb = 0; mb < MB; ++mb) {
+            const __m256 xv = _mm256_loadu_ps(xg + mb * p.ldx + k * q + j);
+            for (int i = 0; i < R; ++i) acc[i][mb][k % S] = _mm256_fmadd_ps(w[i], xv, acc[i][mb][k % S]);
           }
         }
       }
     }
-    const float bias = p.bias ? p.bias[r] : 0.0f;
-    for (int mb = 0; mb < MB; ++mb) p.out[mb * p.ldo + r] = hsum(acc[mb]) + bias;
   }
+  for (int i = 0; i < R; ++i) {
+    const float bias = p.bias ? p.bias[r0 + i] : 0.0f;
+    for (int mb = 0; mb < MB; ++mb) {
+      __m256 sum = acc[i][mb][0];
+      for (int s = 1; s < S; ++s) sum = _mm256_add_ps(sum, acc[i][mb][s]);
+      p.out[mb * p.ldo + r0 + i] = hsum(sum) + bias;
+    }
+  }
+}
+
+template <int MB>
+void rows(const GemvProblem& p, int64_t row_begin, int64_t row_end) {
+  constexpr int R = MB == 1 ? 2 : 1, S = MB <= 4 ? 2 : 1;
+  int64_t r = row_begin;
+  for (; r + R <= row_end; r += R) row_block<MB, R, S>(p, r);
+  for (; r < row_end; ++r) row_block<MB, 1, S>(p, r);
 }
 }  // namespace
 
