@@ -353,6 +353,28 @@ def load_committed() -> pd.DataFrame:
     return df
 
 
+CONFIG_COLUMNS = ["network", "experiment", "n_prototypes", "subvec_len", "mode", "tau", "proto_bits", "lut_bits"]
+
+
+def seed_mean(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per run configuration (``CONFIG_COLUMNS``): numeric results averaged over the seeds that ran it,
+    with ``n_seeds``; the first-seen order of configurations and the table's attrs are kept. A table with one
+    seed per configuration comes back with the same rows."""
+    keys = [c for c in CONFIG_COLUMNS if c in df]
+    values = [c for c in df.columns if c not in keys and c != "seed" and pd.api.types.is_numeric_dtype(df[c])]
+    # missing keys (NaN tau, bits) must group too: fill with a sentinel, then restore
+    filled = df[keys].astype(object).where(df[keys].notna(), "__none__")
+    grouped = df[values].groupby([filled[c] for c in keys], sort=False)
+    out = grouped.mean().reset_index()
+    out["n_seeds"] = grouped.size().to_numpy()
+    out[keys] = out[keys].where(out[keys] != "__none__", np.nan)
+    for c in keys:  # back to the source dtypes where they were numeric
+        if pd.api.types.is_numeric_dtype(df[c]):
+            out[c] = pd.to_numeric(out[c])
+    out.attrs = dict(df.attrs)
+    return out
+
+
 T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
 
 
