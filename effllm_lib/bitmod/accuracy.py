@@ -198,7 +198,8 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
         from .calibrate import collect_activation_stats
 
         start = time.perf_counter()
-        stats = collect_activation_stats(base, calibration_windows, sample_tokens=calibration_sample)
+        stats = collect_activation_stats(base, calibration_windows, sample_tokens=calibration_sample,
+                                         hessian=any(c.calibration == "gptq" for c in configs_list))
         if log:
             log(f"calibration: {calibration_windows.numel()} tokens, {time.perf_counter() - start:.1f} s")
     rows = []
@@ -565,7 +566,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", help="or: a transformers model folder (e.g. one written by effllm_lib.train_lm)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the GGUF's / model folder's own)")
     ap.add_argument("--text", action="append", default=[], help="corpus=path.txt (repeatable)")
-    ap.add_argument("--calib-text", help="calibration text for --calibration act / awq (not the evaluation text)")
+    ap.add_argument("--calib-text", help="calibration text for --calibration act / awq / gptq (not the evaluation "
+                                         "text)")
     ap.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default 64)")
     ap.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
     ap.add_argument("--calib-sample", type=int, default=512, help="input rows kept per layer for AWQ's search")

@@ -40,9 +40,13 @@ Equal treatment (the same options for every ``dtype``):
   ``Q(W diag(s)) diag(s)^-1`` with ``s = mean|x|^alpha``, alpha searched on a 20-point grid for the lowest
   output error on the calibration activations, one ``s`` shared by the layers that read the same tensor (q/k/v,
   gate/up) because AWQ folds it into the norm or the previous layer; then as "act" on the scaled weight.
+* ``calibration="gptq"`` - GPTQ (Frantar et al., ICLR 2023) on the data type's own grid (``gptq.py``): each
+  group's type and scale chosen as round to nearest chooses them, then columns rounded in order with the error
+  fed forward through the inverse of the calibration activations' Gram matrix (float model's activations, 1%
+  damping, Cholesky, lazy blocks of 128).
 
 Calibrated modes need ``quantize_(model, cfg, calibration=collect_activation_stats(model, windows))``
-(``effllm_lib.bitmod.calibrate``). ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) are quantized; any other
+(``effllm_lib.bitmod.calibrate``; "gptq" with ``hessian=True``). ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) are quantized; any other
 layer with a matrix weight (other than embeddings) is an error naming it unless ``skip`` names it.
 """
 
@@ -62,7 +66,7 @@ from . import datatypes as dt
 
 DTYPES = ("int", "int_asym", "fp", "flint", "fp_er_pos", "fp_er_neg", "fp_ea_pos", "fp_ea_neg",
           "bitmod", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp")
-CALIBRATIONS = ("none", "act", "awq")
+CALIBRATIONS = ("none", "act", "awq", "gptq")
 # Group-selection methods: the candidate types, in tie-break order.
 _SELECTION = {
     "bitmod": lambda b: dt.bitmod_grids(b),
@@ -88,7 +92,7 @@ class BitMoDConfig:
     quantized in chunks of about this many weights, which bounds the extra memory. accounting: ``"paper"``
     (8 bits of metadata per group, giving 4.0625 / 3.0625) or ``"fp16"`` (a 16-bit scale plus the type id).
     clip: the per-group clipping search (``CLIP_RATIOS``). calibration: ``"none"`` (round to nearest), ``"act"``
-    (activation-weighted selection and clipping) or ``"awq"`` (AWQ scaling, then as "act"); see the module doc.
+    (activation-weighted selection and clipping), ``"awq"`` (AWQ scaling, then as "act") or ``"gptq"``; see the module doc.
     packed: replace the quantized layers by ``packed.BitMoDLinear`` (3/4-bit codes, group scales, 2-bit type ids,
     run by the LUT kernels), so the model holds the packed bytes rather than float weights; only the
     BitMoD-grid data types pack.
@@ -262,6 +266,19 @@ def _iq4_nl(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[to
     scale d = sum(w q x) / sum(w q^2) of the codes q for the absmax-based scale, then of the 2*7+1 scales
     (itry - 127) / max, keeping the best; codes are re-rounded with the final d, stored as FP16.
     Returns (dequantized, the FP16 scale d per group)."""
+    d = _iq4_nl_scale(x, importance)
+    return _iq4_nl_round(x, d), d.to(torch.float16).to(x.dtype)
+
+
+def _iq4_nl_round(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """IQ4_NL codes of ``x`` for the unrounded scale ``d`` (llama.cpp rounds with 1/d), dequantized with d in FP16."""
+    values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
+    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    return values[_nearest_index_ties_up(inv * x, values)] * d.to(torch.float16).to(x.dtype)
+
+
+def _iq4_nl_scale(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The (unrounded) scale d per group of ``_iq4_nl``'s search."""
     values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
     if importance is None:
         w = x * x
@@ -286,11 +303,7 @@ def _iq4_nl(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[to
         d_new = sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2))
         d = torch.where(better, d_new, d)
         best = torch.where(better, d_new * sumqx, best)
-    d = torch.where(live, d, torch.zeros_like(d))
-    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-    codes = values[_nearest_index_ties_up(inv * x, values)]
-    d16 = d.to(torch.float16).to(x.dtype)
-    return codes * d16, d16
+    return torch.where(live, d, torch.zeros_like(d))
 
 
 # The clipping search's ratios: AWQ's auto_clip grid (max shrink 0.5 in steps of 1/20): 1.0, 0.95, ..., 0.55.
@@ -545,6 +558,30 @@ def _awq_scale(weights: list[torch.Tensor], stats, config: BitMoDConfig) -> tupl
     return best[0], best[1]
 
 
+def _gptq_layers(targets, calibration, config: BitMoDConfig) -> dict:
+    """GPTQ of every target, layers that read the same tensor (one Gram matrix) stacked into one call: GPTQ treats
+    rows independently, so stacking q/k/v changes nothing but the per-column overhead (not NVFP, whose per-tensor
+    scale is per layer)."""
+    from .gptq import gptq_quantize
+
+    batches: dict[int, list] = {}
+    for name, module in targets:
+        key = id(calibration[name].xtx) if config.dtype != "nvfp" else id(module)
+        batches.setdefault(key, []).append((name, _weight_2d(module)))
+    out = {}
+    for members in batches.values():
+        w = torch.cat([m for _, m in members]) if len(members) > 1 else members[0][1]
+        res = gptq_quantize(w, calibration[members[0][0]].xtx.to(w.device), config.bits, config.dtype,
+                            config.group_size, clip=config.clip)
+        r0, per_row = 0, res.n_groups // w.shape[0]
+        for name, m in members:
+            r1 = r0 + m.shape[0]
+            out[name] = TensorQuant(res.weight[r0:r1], None if res.type_ids is None else res.type_ids[r0:r1],
+                                    per_row * m.shape[0])
+            r0 = r1
+    return out
+
+
 def _weight_2d(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out_features, in_features]`` (a view: transformers' Conv1D stores ``[in, out]``)."""
     return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
@@ -566,7 +603,7 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
     """Fake-quantize every ``nn.Linear`` / ``Conv1D`` weight of ``model`` in place; returns a ``QuantReport``.
 
     ``calibration`` (``calibrate.collect_activation_stats(model, windows)``) is required when
-    ``config.calibration`` is "act" or "awq". A layer with a matrix weight of another type (e.g. a convolution)
+    ``config.calibration`` is "act", "awq" or "gptq" (the latter with ``hessian=True``). A layer with a matrix weight of another type (e.g. a convolution)
     is an error naming it, unless ``config.skip`` names it; ``report.skipped`` lists what stayed in float.
     """
     from .calibrate import quantizable_layers
@@ -598,6 +635,9 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         missing = [n for n, _ in targets if n not in calibration]
         if missing:
             raise ValueError(f"no calibration statistics for {len(missing)} layer(s): {', '.join(missing[:5])}")
+        if config.calibration == "gptq" and any(getattr(calibration[n], "xtx", None) is None for n, _ in targets):
+            raise ValueError("calibration='gptq' needs the input Gram matrices: "
+                             "collect_activation_stats(model, windows, hessian=True)")
     untied = False
     if lm_head is not None and any(m is lm_head for _, m in targets):
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -618,6 +658,7 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
             for name, _ in members:
                 scales[name], alphas[name] = s, alpha
 
+    gptq_done = _gptq_layers(targets, calibration, config) if config.calibration == "gptq" else {}
     names = candidate_names(config.dtype, config.bits)
     counts: Counter = Counter()
     rows, code_bits, meta_bits, tensors = [], 0.0, 0.0, 0
@@ -625,7 +666,9 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
     for name, module in targets:
         w = _weight_2d(module)
         col_weight = calibration[name].sq_mean.to(w.device) if config.calibration != "none" else None
-        if name in scales:
+        if config.calibration == "gptq":
+            res = gptq_done.pop(name)
+        elif name in scales:
             s = scales[name].to(w.device)
             res = quantize_tensor(w.float() * s, config.bits, config.dtype, config.group_size, config.chunk_elements,
                                   clip=config.clip, col_weight=col_weight / s.pow(2))
