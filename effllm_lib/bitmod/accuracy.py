@@ -40,10 +40,13 @@ from .. import eval as E
 from .quantize import BitMoDConfig, quantize_
 
 # The methods of the paper's perplexity study (plus the modern micro-scaling baselines), in plotting order.
-METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp", "bitmod")
-FOUR_BIT_ONLY = ("flint", "nf4", "iq4_nl")
+METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "q4_k", "q3_k", "mxfp", "nvfp",
+           "bitmod")
+FOUR_BIT_ONLY = ("flint", "nf4", "iq4_nl", "q4_k")
+THREE_BIT_ONLY = ("q3_k",)
+OWN_SCALE_SEARCH = ("olive", "iq4_nl", "q4_k", "q3_k")  # the clipping option changes nothing for these
 LABELS = {"float": "float (dequantized GGUF)", "int": "INT sym", "int_asym": "INT asym", "fp": "FP",
-          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL", "mxfp": "MX-FP", "nvfp": "NVFP",
+          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL", "q4_k": "Q4_K", "q3_k": "Q3_K", "mxfp": "MX-FP", "nvfp": "NVFP",
           "bitmod": "BitMoD"}
 ZERO_SHOT_TASKS = ("physical_intuition", "general_knowledge", "riddle_sense", "social_iqa", "strategyqa",
                    "sports_understanding")
@@ -54,7 +57,7 @@ def configs(methods=METHODS, bits=(3, 4), group_size: int = 128, include_float: 
     out = [None] if include_float else []
     for b in bits:
         for m in methods:
-            if m in FOUR_BIT_ONLY and b != 4:
+            if (m in FOUR_BIT_ONLY and b != 4) or (m in THREE_BIT_ONLY and b != 3):
                 continue
             out.append(BitMoDConfig(bits=b, group_size=group_size, dtype=m))
     return out
@@ -151,7 +154,7 @@ def sweep_configs(methods=METHODS, bits=(3, 4), clips=(False, True), calibration
         for c in (clips if cal == "none" or calib_clips is None else calib_clips):
             for b in bits:
                 for m in methods:
-                    if m in FOUR_BIT_ONLY and b != 4:
+                    if (m in FOUR_BIT_ONLY and b != 4) or (m in THREE_BIT_ONLY and b != 3):
                         continue
                     if cal != "none" and calib_methods is not None and m not in calib_methods:
                         continue
@@ -257,7 +260,7 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
 
 def _same_as_without_clip(cfg):
     """The configuration without clip when the clipping option is a no-op for ``cfg``'s data type, else None."""
-    if cfg is None or not cfg.clip or cfg.dtype not in ("olive", "iq4_nl"):
+    if cfg is None or not cfg.clip or cfg.dtype not in OWN_SCALE_SEARCH:
         return None
     from dataclasses import replace
 
@@ -334,7 +337,7 @@ def paired(frames: dict, a: str, b: str, idx: np.ndarray, level: float = 0.95) -
 
 # The paper's orderings: (worse, better) pairs within a setting (same bits, clipping and calibration).
 ORDERINGS = (("ant", "bitmod"), ("olive", "ant"), ("olive", "bitmod"), ("int_asym", "bitmod"), ("nf4", "bitmod"),
-             ("iq4_nl", "bitmod"),
+             ("iq4_nl", "bitmod"), ("q4_k", "bitmod"), ("q3_k", "bitmod"),
              ("mxfp", "bitmod"), ("nvfp", "bitmod"), ("bitmod", "float"))
 
 
@@ -501,7 +504,7 @@ def _with_no_op_clip_rows(df: pd.DataFrame) -> pd.DataFrame:
     have_clip = set(zip(clipped.model, clipped.corpus, clipped.bits, clipped.calibration))
     for (model, corpus, config), g in df[~df["clip"].astype(bool)].groupby(["model", "corpus", "config"], sort=False):
         r = g.iloc[0]
-        if r["dtype"] not in ("olive", "iq4_nl") or (model, corpus, r.bits, r.calibration) not in have_clip:
+        if r["dtype"] not in OWN_SCALE_SEARCH or (model, corpus, r.bits, r.calibration) not in have_clip:
             continue
         twin = BitMoDConfig(bits=int(r.bits), group_size=int(r.group_size), dtype=r["dtype"], clip=True,
                             calibration=r.calibration).label

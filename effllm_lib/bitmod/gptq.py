@@ -180,6 +180,9 @@ def gptq_quantize(w: torch.Tensor, hessian: torch.Tensor, bits: int = 4, dtype: 
     if block < 1 or not 0 <= damp:
         raise ValueError(f"block must be >= 1 and damp >= 0, got {block}, {damp}")
     g = cfg.effective_group_size
+    if dtype in ("q4_k", "q3_k"):
+        raise ValueError(f"GPTQ is not implemented for {dtype}: its scales are fitted per super-block of 256 jointly "
+                         "(llama.cpp's k-quants have their own importance-matrix path)")
     if dtype == "olive" and (g % 2 or cols % 2):
         raise ValueError(f"OliVe pairs adjacent weights: group size and in_features must be even, got {g}, {cols}")
     if dtype == "olive" and block % 2:

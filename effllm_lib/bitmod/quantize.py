@@ -22,6 +22,9 @@ pass measures the accuracy of the quantized model.
 * ``nf4`` - QLoRA's NormalFloat4 (normal quantiles) with an absmax scale (4 bits only),
 * ``iq4_nl`` - llama.cpp's IQ4_NL: group 32, 16 non-uniform int8 levels, an FP16 scale fitted by llama.cpp's own
   weighted least-squares search (``_iq4_nl``; with ``calibration`` its importance-matrix weighting),
+* ``q4_k`` / ``q3_k`` - llama.cpp's k-quants (``kquants.py``): super-blocks of 256 with 6-bit sub-block scales
+  (and mins) under FP16 super-block scales, 4.5 / 3.4375 bits per weight, counted exactly (a short last
+  super-block included) whatever ``accounting`` says,
 * ``mxfp`` - MX-FP4 / MX-FP3: group 32, shared power-of-two (E8M0) scale, OCP rounding rule,
 * ``nvfp`` - NVFP4: group 16, FP8-E4M3 block scale under a per-tensor FP32 scale. NVFP3 (the FP3 grid with the
   same scaling) is our extension for a 3-bit point; no such standard format exists.
@@ -65,7 +68,7 @@ from torch import nn
 from . import datatypes as dt
 
 DTYPES = ("int", "int_asym", "fp", "flint", "fp_er_pos", "fp_er_neg", "fp_ea_pos", "fp_ea_neg",
-          "bitmod", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp")
+          "bitmod", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp", "q4_k", "q3_k")
 CALIBRATIONS = ("none", "act", "awq", "gptq")
 # Group-selection methods: the candidate types, in tie-break order.
 _SELECTION = {
@@ -74,7 +77,8 @@ _SELECTION = {
     "ea": lambda b: dt.bitmod_grids(b)[2:],
     "ant": lambda b: (dt.INT4, dt.FLINT4) if b == 4 else (dt.INT3, dt.FP3),
 }
-_FIXED_GROUP = {"mxfp": 32, "nvfp": 16, "iq4_nl": 32}
+_FIXED_GROUP = {"mxfp": 32, "nvfp": 16, "iq4_nl": 32, "q4_k": 256, "q3_k": 256}
+_KQUANT_BITS = {"q4_k": 4, "q3_k": 3}
 # The simulator's accounting: 8 metadata bits per group (scale and type id together).
 PAPER_METADATA_BITS = 8
 NVFP_TENSOR_SCALE_BITS = 32
@@ -117,6 +121,8 @@ class BitMoDConfig:
             raise ValueError(f"bits must be 3 or 4, got {self.bits!r}")
         if self.dtype == "flint" and self.bits != 4:
             raise ValueError("FLINT is a 4-bit type (ANT's 3-bit choice is INT3 vs FP3: dtype='ant')")
+        if self.dtype in _KQUANT_BITS and self.bits != _KQUANT_BITS[self.dtype]:
+            raise ValueError(f"{self.dtype.upper()} is a {_KQUANT_BITS[self.dtype]}-bit type, got bits={self.bits}")
         if self.dtype in ("nf4", "iq4_nl") and self.bits != 4:
             raise ValueError(f"{self.dtype.upper()} is a 4-bit type (there is no standard 3-bit variant)")
         if self.packed and self.dtype not in ("bitmod", "er", "ea") and not self.dtype.startswith("fp_e"):
@@ -355,6 +361,11 @@ def _candidates(dtype: str, bits: int, tensor_amax: float) -> tuple[list[Callabl
         return [lambda x, r, w: _absmax(x, NF4.tensor(x.device, x.dtype), r)], None
     if dtype == "iq4_nl":  # its own scale search; the importance weights are bound per call in quantize_tensor
         return [lambda x, r, w: _iq4_nl(x, w)[0]], [1.0]
+    if dtype in _KQUANT_BITS:  # their own scale fits (llama.cpp's reference quantizers, no importance matrix)
+        from . import kquants
+
+        fn = kquants.q4_k if dtype == "q4_k" else kquants.q3_k
+        return [lambda x, r, w: fn(x)], [1.0]
     name = {"int": f"int{bits}", "fp": f"fp{bits}", "flint": "flint4"}.get(dtype, dtype.replace("fp", f"fp{bits}"))
     values = dt.grid(name).tensor()
     return [lambda x, r, w: _absmax(x, values.to(x.device, x.dtype), r)], None
@@ -366,7 +377,7 @@ def _absmax_value_sets(dtype: str, bits: int) -> list[torch.Tensor] | None:
         return [g.tensor() for g in _SELECTION[dtype](bits)]
     if dtype == "nf4":
         return [NF4.tensor()]
-    if dtype in ("int_asym", "olive", "mxfp", "nvfp", "iq4_nl"):
+    if dtype in ("int_asym", "olive", "mxfp", "nvfp", "iq4_nl", *_KQUANT_BITS):
         return None
     name = {"int": f"int{bits}", "fp": f"fp{bits}", "flint": "flint4"}.get(dtype, dtype.replace("fp", f"fp{bits}"))
     return [dt.grid(name).tensor()]
@@ -432,6 +443,11 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
     g = cfg.effective_group_size
     if dtype == "olive" and cols % 2:
         raise ValueError(f"OliVe pairs adjacent weights: in_features must be even, got {cols}")
+    if dtype in _KQUANT_BITS:
+        from .kquants import SUB
+
+        if cols % SUB[dtype]:
+            raise ValueError(f"{dtype}: in_features {cols} is not a multiple of its sub-block of {SUB[dtype]}")
     full, tail = divmod(cols, g)
     if dtype == "olive" and tail % 2:
         raise ValueError(f"OliVe needs an even last group; in_features {cols} mod group {g} = {tail}")
@@ -472,6 +488,10 @@ def metadata_bits_per_group(dtype: str, bits: int, accounting: str = "paper") ->
         return 8.0  # E4M3 block scale (the per-tensor FP32 scale is added per tensor)
     if dtype == "iq4_nl" and accounting == "fp16":
         return 16.0  # the FP16 scale of each block of 32 (4.5 bits/weight, as llama.cpp counts it)
+    if dtype in _KQUANT_BITS:  # per full super-block of 256: 6-bit sub-block scales (+ mins) and FP16 d (+ dmin)
+        from .kquants import kquant_bits
+
+        return float(kquant_bits(dtype, 256) - bits * 256)
     type_id = math.ceil(math.log2(len(_SELECTION[dtype](bits)))) if dtype in _SELECTION else 0
     zero_point = bits if dtype == "int_asym" else 0
     if accounting == "paper":
@@ -693,7 +713,12 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         rows.append(row)
         w.copy_(res.weight)  # a view of the parameter: writes through (transposed back for Conv1D)
         code_bits += config.bits * w.numel()
-        meta_bits += meta * res.n_groups
+        if config.dtype in _KQUANT_BITS:  # exact, a short last super-block included
+            from .kquants import kquant_bits
+
+            meta_bits += w.shape[0] * kquant_bits(config.dtype, w.shape[1]) - config.bits * w.numel()
+        else:
+            meta_bits += meta * res.n_groups
         tensors += 1
     if config.dtype == "nvfp":
         meta_bits += NVFP_TENSOR_SCALE_BITS * tensors
