@@ -69,3 +69,29 @@ def test_above_chance_and_task_files(tmp_path):
     assert list(Z.task_files(tmp_path, ["one", "many"])) == ["one", "many/x", "many/y"]
     with pytest.raises(FileNotFoundError, match="no BIG-bench task 'nope'"):
         Z.task_files(tmp_path, ["nope"])
+
+
+def test_cli_runs_from_files_and_summarizes(tmp_path):
+    from test_bitmod_accuracy_cli import tiny_model_dir
+    from effllm_lib import results
+
+    folder = tiny_model_dir(tmp_path)
+    tasks = tmp_path / "tasks" / "sums"
+    tasks.mkdir(parents=True)
+    ex = [{"input": f"What is {a} plus {b}?", "target_scores": {str(a + b): 1, str(a + b + 1): 0, "house": 0}}
+          for a in range(4) for b in range(3)]
+    (tasks / "task.json").write_text(json.dumps({"examples": ex}))
+    common = ["--model", "tiny", "--model-dir", str(folder), "--tasks-dir", str(tmp_path / "tasks"), "--tasks",
+              "sums", "--device", "cpu", "--out", str(tmp_path), "--scale", "ci", "--n-boot", "200"]
+    assert Z.main(common + ["--configs", "float,bitmod4", "--tag", "a"]) == 0
+    assert Z.main(common + ["--configs", "int_asym4", "--tag", "b"]) == 0
+    a = results.read(tmp_path / "zeroshot_tiny_a.csv")
+    assert list(a.config) == ["float", "bitmod4"] and (a.n == 12).all()
+    with pytest.raises(SystemExit):
+        Z.main(["--out", str(tmp_path)])
+    assert Z.main(["--summarize", str(tmp_path / "zeroshot_tiny_a.csv"), str(tmp_path / "zeroshot_tiny_b.csv"),
+                   "--out", str(tmp_path), "--scale", "ci", "--n-boot", "200"]) == 0
+    summary = results.read(tmp_path / "zeroshot_paired_tiny.csv")
+    # a random model is above chance nowhere: only the "all tasks" rows, one per quantized configuration
+    assert list(summary.task_set) == ["all", "all"] and set(summary.config) == {"bitmod4", "int_asym4"}
+    assert (summary.questions == 12).all()

@@ -7,8 +7,8 @@ questions and a paired bootstrap of each quantized configuration's accuracy chan
 
 A question is scored as in ``effllm_lib.eval.multiple_choice_accuracy`` (summed log-probability of each answer's
 tokens after the BIG-bench prompt; the highest wins) but many answers share one padded forward pass. The
-summary keeps the tasks where the float model is above chance (one-sided binomial test, p < 0.01, on the float
-model's own answers) and gives, per configuration, the change in accuracy pooled over those questions with a
+summary (``task_set`` "above_chance") keeps the tasks where the float model is above chance (one-sided binomial
+test, p < 0.01, on the float model's own answers; "all" repeats it over every task) and gives, per configuration, the change in accuracy pooled over those questions with a
 bootstrap interval that resamples questions within each task, the same resample for both models (paired).
 """
 
@@ -137,12 +137,12 @@ def main(argv=None) -> int:
     from .quantize import BitMoDConfig, quantize_
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", required=True)
+    ap.add_argument("--model", help="name recorded in the results (required unless --summarize)")
     ap.add_argument("--gguf")
     ap.add_argument("--model-dir")
     ap.add_argument("--tokenizer")
-    ap.add_argument("--tasks-dir", required=True, help="folder of BIG-bench <task>/task.json (or <task>/<sub>/...)")
-    ap.add_argument("--tasks", required=True, help="comma-separated task folders (a folder of subtasks = all)")
+    ap.add_argument("--tasks-dir", help="folder of BIG-bench <task>/task.json (or <task>/<sub>/...)")
+    ap.add_argument("--tasks", help="comma-separated task folders (a folder of subtasks = all)")
     ap.add_argument("--configs", default="float,bitmod4,bitmod3,int_asym4",
                     help="float and/or <dtype><bits> labels (round to nearest, group 128)")
     ap.add_argument("--max-examples", type=int, default=None, help="per task (seeded subset)")
@@ -156,6 +156,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out, tag = Path(args.out), (f"_{args.tag}" if args.tag else "")
     if not args.summarize:
+        if not (args.model and args.tasks_dir and args.tasks and (args.gguf or args.model_dir)):
+            ap.error("--model, --tasks-dir, --tasks and one of --gguf / --model-dir are required (or --summarize)")
         files = task_files(args.tasks_dir, [t for t in args.tasks.split(",") if t])
         cfgs = []
         for label in args.configs.split(","):
@@ -197,9 +199,15 @@ def main(argv=None) -> int:
     else:
         frames = [results.read(p) for p in args.summarize]
     df = pd.concat(frames, ignore_index=True).drop_duplicates(["model", "task", "config"])
+    if "float" not in set(df.config):
+        if args.summarize:
+            raise ValueError("the summary compares against the float model: include a file with its rows")
+        print("no float rows in this run: summarize it together with one that has them (--summarize)", flush=True)
+        return 0
     keep = above_chance(df)
-    summary = pd.DataFrame([paired_change(df, c, keep, n_boot=args.n_boot)
-                            for c in df.config.unique() if c != "float"])
+    sets = {"above_chance": keep, "all": sorted(df.task.unique())}  # the claim's set, and every task for context
+    summary = pd.DataFrame([{"task_set": name, **paired_change(df, c, tasks, n_boot=args.n_boot)}
+                            for name, tasks in sets.items() if tasks for c in df.config.unique() if c != "float"])
     summary["needed_for_half_point"] = [questions_needed(d) for d in summary.discordant]
     name = df.model.iloc[0]
     results.save(summary, "bitmod", f"zeroshot_paired_{name}{tag}", scale=args.scale,
