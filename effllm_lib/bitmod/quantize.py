@@ -49,7 +49,8 @@ Equal treatment (the same options for every ``dtype``):
   damping, Cholesky, lazy blocks of 128).
 
 Calibrated modes need ``quantize_(model, cfg, calibration=collect_activation_stats(model, windows))``
-(``effllm_lib.bitmod.calibrate``; "gptq" with ``hessian=True``). ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) are quantized; any other
+(``effllm_lib.bitmod.calibrate``; "gptq" with ``hessian=True``). ``nn.Linear`` and transformers' ``Conv1D``
+(GPT-2) are quantized; any other
 layer with a matrix weight (other than embeddings) is an error naming it unless ``skip`` names it.
 """
 
@@ -96,7 +97,8 @@ class BitMoDConfig:
     quantized in chunks of about this many weights, which bounds the extra memory. accounting: ``"paper"``
     (8 bits of metadata per group, giving 4.0625 / 3.0625) or ``"fp16"`` (a 16-bit scale plus the type id).
     clip: the per-group clipping search (``CLIP_RATIOS``). calibration: ``"none"`` (round to nearest), ``"act"``
-    (activation-weighted selection and clipping), ``"awq"`` (AWQ scaling, then as "act") or ``"gptq"``; see the module doc.
+    (activation-weighted selection and clipping), ``"awq"`` (AWQ scaling, then as "act") or ``"gptq"``; see the
+    module doc.
     packed: replace the quantized layers by ``packed.BitMoDLinear`` (3/4-bit codes, group scales, 2-bit type ids,
     run by the LUT kernels), so the model holds the packed bytes rather than float weights; only the
     BitMoD-grid data types pack.
@@ -623,7 +625,8 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
     """Fake-quantize every ``nn.Linear`` / ``Conv1D`` weight of ``model`` in place; returns a ``QuantReport``.
 
     ``calibration`` (``calibrate.collect_activation_stats(model, windows)``) is required when
-    ``config.calibration`` is "act", "awq" or "gptq" (the latter with ``hessian=True``). A layer with a matrix weight of another type (e.g. a convolution)
+    ``config.calibration`` is "act", "awq" or "gptq" (the latter with ``hessian=True``). A layer with a matrix
+    weight of another type (e.g. a convolution)
     is an error naming it, unless ``config.skip`` names it; ``report.skipped`` lists what stayed in float.
     """
     from .calibrate import quantizable_layers

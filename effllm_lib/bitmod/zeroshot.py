@@ -8,8 +8,9 @@ questions and a paired bootstrap of each quantized configuration's accuracy chan
 A question is scored as in ``effllm_lib.eval.multiple_choice_accuracy`` (summed log-probability of each answer's
 tokens after the BIG-bench prompt; the highest wins) but many answers share one padded forward pass. The
 summary (``task_set`` "above_chance") keeps the tasks where the float model is above chance (one-sided binomial
-test, p < 0.01, on the float model's own answers; "all" repeats it over every task) and gives, per configuration, the change in accuracy pooled over those questions with a
-bootstrap interval that resamples questions within each task, the same resample for both models (paired).
+test, p < 0.01, on the float model's own answers; "all" repeats it over every task) and gives, per
+configuration, the change in accuracy pooled over those questions with a bootstrap interval that resamples
+questions within each task, the same resample for both models (paired).
 """
 
 from __future__ import annotations
