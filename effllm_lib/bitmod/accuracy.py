@@ -621,8 +621,9 @@ def main(argv=None) -> int:
         o = orderings(df, n_boot=args.n_boot)
         results.save(s, "bitmod", f"accuracy_{name}{tag}", params=params, scale=args.scale, extra=extra,
                      path=out / f"accuracy_{name}{tag}.csv")
-        results.save(o, "bitmod", f"orderings_{name}{tag}", params=params, scale=args.scale, extra=extra,
-                     path=out / f"orderings_{name}{tag}.csv")
+        if not o.empty:
+            results.save(o, "bitmod", f"orderings_{name}{tag}", params=params, scale=args.scale, extra=extra,
+                         path=out / f"orderings_{name}{tag}.csv")
         print(s[["model", "config", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "kl_lo", "kl_hi"]].to_string())
         return 0
     if not args.model or not (args.gguf or args.model_dir):
@@ -680,8 +681,12 @@ def main(argv=None) -> int:
         s = summarize(df, n_boot=args.n_boot)
         results.save(s, "bitmod", f"accuracy_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
                       path=out / f"accuracy_{args.model}{tag}.csv")
-        results.save(orderings(df, n_boot=args.n_boot), "bitmod", f"orderings_{args.model}{tag}", params=params,
-                     scale=args.scale, extra=extra, path=out / f"orderings_{args.model}{tag}.csv")
+        o = orderings(df, n_boot=args.n_boot)
+        if o.empty:  # e.g. a run of baselines alone: their comparisons come when --summarize merges runs
+            print("no paper comparison within this run's configurations: no orderings file", flush=True)
+        else:
+            results.save(o, "bitmod", f"orderings_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
+                         path=out / f"orderings_{args.model}{tag}.csv")
         print(s[["corpus", "config", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "kl_lo", "kl_hi"]]
               .to_string(), flush=True)
         del base
