@@ -46,7 +46,8 @@ FOUR_BIT_ONLY = ("flint", "nf4", "iq4_nl", "q4_k")
 THREE_BIT_ONLY = ("q3_k",)
 OWN_SCALE_SEARCH = ("olive", "iq4_nl", "q4_k", "q3_k")  # the clipping option changes nothing for these
 LABELS = {"float": "float (dequantized GGUF)", "int": "INT sym", "int_asym": "INT asym", "fp": "FP",
-          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL", "q4_k": "Q4_K", "q3_k": "Q3_K", "mxfp": "MX-FP", "nvfp": "NVFP",
+          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL",
+          "q4_k": "Q4_K", "q3_k": "Q3_K", "mxfp": "MX-FP", "nvfp": "NVFP",
           "bitmod": "BitMoD"}
 ZERO_SHOT_TASKS = ("physical_intuition", "general_knowledge", "riddle_sense", "social_iqa", "strategyqa",
                    "sports_understanding")
@@ -409,8 +410,9 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                 rows.append({"claim_id": f"acc_ppl_{pid}_{what}_{c}", "ours": float("nan"),
                              "status": "not_reproducible",
                              "reason": "Llama-2/3 weights and WikiText-2/C4 are not available offline (no model "
-                                       "hub). Calibrated BitMoD (activation weighting, AWQ) on our models: "
-                                       "accuracy_smollm2-135m. See the ratio claims on our models."})
+                                       "hub). Calibrated quantization (activation weighting, AWQ, GPTQ) and "
+                                       "llama.cpp k-quants on our models: accuracy_smollm2-135m. See the ratio "
+                                       "claims on our models."})
     for pid, name in (("llama2_7b", "Llama-2-7B"), ("phi2", "Phi-2")):
         for m in ("bitmod", "ant", "olive"):
             for b in (3, 4):
