@@ -82,4 +82,19 @@ def test_calibration_without_text_is_refused(tmp_path):
         accuracy.main(["--model", "m", "--gguf", str(assets.smollm2_gguf()), "--text", f"w={wiki}",
                        "--calibration", "awq", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
-        accuracy.main(["--model", "m", "--gguf", "x", "--calibration", "gptq", "--out", str(tmp_path)])
+        accuracy.main(["--model", "m", "--gguf", "x", "--calibration", "smoothquant", "--out", str(tmp_path)])
+
+
+@pytest.mark.slow  # ~30 s: GPTQ over a 49152-row head
+def test_kl_sweep_with_gptq(tmp_path):
+    folder = tiny_model_dir(tmp_path)
+    wiki, austen = tmp_path / "wiki.txt", tmp_path / "austen.txt"
+    wiki.write_text(assets.wikipedia_text("ci")[:2000])
+    austen.write_text(assets.austen_text("ci")[:2000])
+    assert accuracy.main(["--model", "tiny", "--model-dir", str(folder), "--text", f"wiki={wiki}", "--calib-text",
+                          str(austen), "--calib-windows", "2", "--calib-seq-len", "32", "--max-windows", "2",
+                          "--kl-windows", "2", "--seq-len", "32", "--methods", "bitmod", "--device", "cpu",
+                          "--bits", "3", "--clip", "0", "--calibration", "none,gptq", "--out", str(tmp_path),
+                          "--scale", "ci", "--n-boot", "100"]) == 0
+    o = results.read(tmp_path / "orderings_tiny.csv")
+    assert "bitmod: gptq vs none" in set(o.comparison)

@@ -151,3 +151,13 @@ def test_merge_adds_the_no_op_clip_rows_of_olive_only_where_clipped_runs_exist()
     o, oc = m[m.config == "olive3"], m[m.config == "olive3+clip"]
     assert oc.nll_sum.tolist() == o.nll_sum.tolist() and oc["clip"].all()
     assert len(m[m.config == "float"]) == 3
+
+
+def test_orderings_of_baselines_alone_is_empty_not_an_error():
+    import numpy as np
+
+    rows = [{"model": "m", "corpus": "w", "config": c, "dtype": d, "bits": b, "clip": False, "calibration": "none",
+             "group_size": 256, "bits_per_weight": 4.5, "weight_mse": 0.0, "quant_seconds": 0.0, "window": w,
+             "tokens": 10, "nll_sum": 20.0 + w, "kl_sum": np.nan if d == "float" else 0.1, "top1_same": 9.0}
+            for c, d, b in (("float", "float", 16), ("q4_k4", "q4_k", 4)) for w in range(3)]
+    assert A.orderings(pd.DataFrame(rows), n_boot=50).empty

@@ -472,7 +472,7 @@ def test_calibrated_modes_need_statistics():
     with pytest.raises(ValueError, match="no calibration statistics"):
         quantize_(model, BitMoDConfig(group_size=64, calibration="act"), calibration={})
     with pytest.raises(ValueError, match="calibration must be"):
-        BitMoDConfig(calibration="gptq")
+        BitMoDConfig(calibration="smoothquant")
     assert BitMoDConfig(dtype="int_asym", bits=4, clip=True, calibration="awq").label == "int_asym4+clip+awq"
 
 

@@ -40,10 +40,14 @@ from .. import eval as E
 from .quantize import BitMoDConfig, quantize_
 
 # The methods of the paper's perplexity study (plus the modern micro-scaling baselines), in plotting order.
-METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp", "bitmod")
-FOUR_BIT_ONLY = ("flint", "nf4", "iq4_nl")
+METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "q4_k", "q3_k", "mxfp", "nvfp",
+           "bitmod")
+FOUR_BIT_ONLY = ("flint", "nf4", "iq4_nl", "q4_k")
+THREE_BIT_ONLY = ("q3_k",)
+OWN_SCALE_SEARCH = ("olive", "iq4_nl", "q4_k", "q3_k")  # the clipping option changes nothing for these
 LABELS = {"float": "float (dequantized GGUF)", "int": "INT sym", "int_asym": "INT asym", "fp": "FP",
-          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL", "mxfp": "MX-FP", "nvfp": "NVFP",
+          "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL",
+          "q4_k": "Q4_K", "q3_k": "Q3_K", "mxfp": "MX-FP", "nvfp": "NVFP",
           "bitmod": "BitMoD"}
 ZERO_SHOT_TASKS = ("physical_intuition", "general_knowledge", "riddle_sense", "social_iqa", "strategyqa",
                    "sports_understanding")
@@ -54,7 +58,7 @@ def configs(methods=METHODS, bits=(3, 4), group_size: int = 128, include_float: 
     out = [None] if include_float else []
     for b in bits:
         for m in methods:
-            if m in FOUR_BIT_ONLY and b != 4:
+            if (m in FOUR_BIT_ONLY and b != 4) or (m in THREE_BIT_ONLY and b != 3):
                 continue
             out.append(BitMoDConfig(bits=b, group_size=group_size, dtype=m))
     return out
@@ -151,7 +155,7 @@ def sweep_configs(methods=METHODS, bits=(3, 4), clips=(False, True), calibration
         for c in (clips if cal == "none" or calib_clips is None else calib_clips):
             for b in bits:
                 for m in methods:
-                    if m in FOUR_BIT_ONLY and b != 4:
+                    if (m in FOUR_BIT_ONLY and b != 4) or (m in THREE_BIT_ONLY and b != 3):
                         continue
                     if cal != "none" and calib_methods is not None and m not in calib_methods:
                         continue
@@ -198,7 +202,8 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
         from .calibrate import collect_activation_stats
 
         start = time.perf_counter()
-        stats = collect_activation_stats(base, calibration_windows, sample_tokens=calibration_sample)
+        stats = collect_activation_stats(base, calibration_windows, sample_tokens=calibration_sample,
+                                         hessian=any(c.calibration == "gptq" for c in configs_list))
         if log:
             log(f"calibration: {calibration_windows.numel()} tokens, {time.perf_counter() - start:.1f} s")
     rows = []
@@ -256,7 +261,7 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
 
 def _same_as_without_clip(cfg):
     """The configuration without clip when the clipping option is a no-op for ``cfg``'s data type, else None."""
-    if cfg is None or not cfg.clip or cfg.dtype not in ("olive", "iq4_nl"):
+    if cfg is None or not cfg.clip or cfg.dtype not in OWN_SCALE_SEARCH:
         return None
     from dataclasses import replace
 
@@ -333,7 +338,7 @@ def paired(frames: dict, a: str, b: str, idx: np.ndarray, level: float = 0.95) -
 
 # The paper's orderings: (worse, better) pairs within a setting (same bits, clipping and calibration).
 ORDERINGS = (("ant", "bitmod"), ("olive", "ant"), ("olive", "bitmod"), ("int_asym", "bitmod"), ("nf4", "bitmod"),
-             ("iq4_nl", "bitmod"),
+             ("iq4_nl", "bitmod"), ("q4_k", "bitmod"), ("q3_k", "bitmod"),
              ("mxfp", "bitmod"), ("nvfp", "bitmod"), ("bitmod", "float"))
 
 
@@ -405,8 +410,9 @@ def claim_rows(ppl: pd.DataFrame | None = None, synthetic: pd.DataFrame | None =
                 rows.append({"claim_id": f"acc_ppl_{pid}_{what}_{c}", "ours": float("nan"),
                              "status": "not_reproducible",
                              "reason": "Llama-2/3 weights and WikiText-2/C4 are not available offline (no model "
-                                       "hub). Calibrated BitMoD (activation weighting, AWQ) on our models: "
-                                       "accuracy_smollm2-135m. See the ratio claims on our models."})
+                                       "hub). Calibrated quantization (activation weighting, AWQ, GPTQ) and "
+                                       "llama.cpp k-quants on our models: accuracy_smollm2-135m. See the ratio "
+                                       "claims on our models."})
     for pid, name in (("llama2_7b", "Llama-2-7B"), ("phi2", "Phi-2")):
         for m in ("bitmod", "ant", "olive"):
             for b in (3, 4):
@@ -500,7 +506,7 @@ def _with_no_op_clip_rows(df: pd.DataFrame) -> pd.DataFrame:
     have_clip = set(zip(clipped.model, clipped.corpus, clipped.bits, clipped.calibration))
     for (model, corpus, config), g in df[~df["clip"].astype(bool)].groupby(["model", "corpus", "config"], sort=False):
         r = g.iloc[0]
-        if r["dtype"] not in ("olive", "iq4_nl") or (model, corpus, r.bits, r.calibration) not in have_clip:
+        if r["dtype"] not in OWN_SCALE_SEARCH or (model, corpus, r.bits, r.calibration) not in have_clip:
             continue
         twin = BitMoDConfig(bits=int(r.bits), group_size=int(r.group_size), dtype=r["dtype"], clip=True,
                             calibration=r.calibration).label
@@ -565,7 +571,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model-dir", help="or: a transformers model folder (e.g. one written by effllm_lib.train_lm)")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the GGUF's / model folder's own)")
     ap.add_argument("--text", action="append", default=[], help="corpus=path.txt (repeatable)")
-    ap.add_argument("--calib-text", help="calibration text for --calibration act / awq (not the evaluation text)")
+    ap.add_argument("--calib-text", help="calibration text for --calibration act / awq / gptq (not the evaluation "
+                                         "text)")
     ap.add_argument("--calib-windows", type=int, default=64, help="calibration windows (default 64)")
     ap.add_argument("--calib-seq-len", type=int, default=512, help="calibration window length (default 512)")
     ap.add_argument("--calib-sample", type=int, default=512, help="input rows kept per layer for AWQ's search")
@@ -616,8 +623,9 @@ def main(argv=None) -> int:
         o = orderings(df, n_boot=args.n_boot)
         results.save(s, "bitmod", f"accuracy_{name}{tag}", params=params, scale=args.scale, extra=extra,
                      path=out / f"accuracy_{name}{tag}.csv")
-        results.save(o, "bitmod", f"orderings_{name}{tag}", params=params, scale=args.scale, extra=extra,
-                     path=out / f"orderings_{name}{tag}.csv")
+        if not o.empty:
+            results.save(o, "bitmod", f"orderings_{name}{tag}", params=params, scale=args.scale, extra=extra,
+                         path=out / f"orderings_{name}{tag}.csv")
         print(s[["model", "config", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "kl_lo", "kl_hi"]].to_string())
         return 0
     if not args.model or not (args.gguf or args.model_dir):
@@ -675,8 +683,12 @@ def main(argv=None) -> int:
         s = summarize(df, n_boot=args.n_boot)
         results.save(s, "bitmod", f"accuracy_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
                       path=out / f"accuracy_{args.model}{tag}.csv")
-        results.save(orderings(df, n_boot=args.n_boot), "bitmod", f"orderings_{args.model}{tag}", params=params,
-                     scale=args.scale, extra=extra, path=out / f"orderings_{args.model}{tag}.csv")
+        o = orderings(df, n_boot=args.n_boot)
+        if o.empty:  # e.g. a run of baselines alone: their comparisons come when --summarize merges runs
+            print("no paper comparison within this run's configurations: no orderings file", flush=True)
+        else:
+            results.save(o, "bitmod", f"orderings_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
+                         path=out / f"orderings_{args.model}{tag}.csv")
         print(s[["corpus", "config", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "kl_lo", "kl_hi"]]
               .to_string(), flush=True)
         del base

@@ -32,6 +32,7 @@ class ActStats:
     sample: torch.Tensor  # [n, in_features] sampled input rows (shared object among a group's layers)
     group: str  # name of the first layer that reads the same tensor
     tokens: int
+    xtx: torch.Tensor | None = None  # [in, in] mean of x x^T (GPTQ's Hessian; shared among a group's layers)
 
 
 def quantizable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -51,10 +52,12 @@ def _conv1d_type():
 
 @torch.no_grad()
 def collect_activation_stats(model: nn.Module, windows: torch.Tensor, sample_tokens: int = 512, seed: int = 0,
-                             progress: bool = False) -> dict[str, ActStats]:
+                             progress: bool = False, hessian: bool = False) -> dict[str, ActStats]:
     """Run ``model`` over ``windows`` ([n, seq_len] token ids) and return each quantizable layer's ``ActStats``.
 
     ``sample_tokens`` input rows per layer are kept (spread evenly over the windows, seeded random positions).
+    ``hessian``: also accumulate the full input Gram matrix E[x x^T] (GPTQ's Hessian; in_features^2 floats per
+    distinct input tensor, accumulated in float64).
     """
     if not isinstance(windows, torch.Tensor) or windows.ndim != 2 or windows.shape[0] < 1:
         raise ValueError(f"windows must be a [n, seq_len] tensor of token ids, got {getattr(windows, 'shape', windows)}")
@@ -84,6 +87,9 @@ def collect_activation_stats(model: nn.Module, windows: torch.Tensor, sample_tok
             acc["sq"] += flat.pow(2).sum(0, dtype=torch.float64)
             acc["abs"] += flat.abs().sum(0, dtype=torch.float64)
             acc["n"] += flat.shape[0]
+            if hessian and group[name] == name:
+                acc.setdefault("xtx", torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float64, device=x.device))
+                acc["xtx"] += (flat.t() @ flat).double()
             if group[name] == name:  # group members share the leader's sample
                 pos = positions[state["window"]].to(x.device)
                 acc["rows"].append(x.reshape(-1, seq, x.shape[-1])[:, pos].reshape(-1, x.shape[-1]).float())
@@ -104,10 +110,12 @@ def collect_activation_stats(model: nn.Module, windows: torch.Tensor, sample_tok
     missing = [n for n, _ in layers if n not in sums]
     out = {}
     samples = {n: torch.cat(a["rows"]) for n, a in sums.items() if a["rows"]}
+    xtx = {n: (a["xtx"] / a["n"]).float() for n, a in sums.items() if "xtx" in a}
     for name, _ in layers:
         if name in missing:
             continue
         a = sums[name]
         out[name] = ActStats(sq_mean=(a["sq"] / a["n"]).float(), abs_mean=(a["abs"] / a["n"]).float(),
-                             sample=samples[group[name]], group=group[name], tokens=a["n"])
+                             sample=samples[group[name]], group=group[name], tokens=a["n"],
+                             xtx=xtx.get(group[name]))
     return out

@@ -22,6 +22,9 @@ pass measures the accuracy of the quantized model.
 * ``nf4`` - QLoRA's NormalFloat4 (normal quantiles) with an absmax scale (4 bits only),
 * ``iq4_nl`` - llama.cpp's IQ4_NL: group 32, 16 non-uniform int8 levels, an FP16 scale fitted by llama.cpp's own
   weighted least-squares search (``_iq4_nl``; with ``calibration`` its importance-matrix weighting),
+* ``q4_k`` / ``q3_k`` - llama.cpp's k-quants (``kquants.py``): super-blocks of 256 with 6-bit sub-block scales
+  (and mins) under FP16 super-block scales, 4.5 / 3.4375 bits per weight, counted exactly (a short last
+  super-block included) whatever ``accounting`` says,
 * ``mxfp`` - MX-FP4 / MX-FP3: group 32, shared power-of-two (E8M0) scale, OCP rounding rule,
 * ``nvfp`` - NVFP4: group 16, FP8-E4M3 block scale under a per-tensor FP32 scale. NVFP3 (the FP3 grid with the
   same scaling) is our extension for a 3-bit point; no such standard format exists.
@@ -40,9 +43,14 @@ Equal treatment (the same options for every ``dtype``):
   ``Q(W diag(s)) diag(s)^-1`` with ``s = mean|x|^alpha``, alpha searched on a 20-point grid for the lowest
   output error on the calibration activations, one ``s`` shared by the layers that read the same tensor (q/k/v,
   gate/up) because AWQ folds it into the norm or the previous layer; then as "act" on the scaled weight.
+* ``calibration="gptq"`` - GPTQ (Frantar et al., ICLR 2023) on the data type's own grid (``gptq.py``): each
+  group's type and scale chosen as round to nearest chooses them, then columns rounded in order with the error
+  fed forward through the inverse of the calibration activations' Gram matrix (float model's activations, 1%
+  damping, Cholesky, lazy blocks of 128).
 
 Calibrated modes need ``quantize_(model, cfg, calibration=collect_activation_stats(model, windows))``
-(``effllm_lib.bitmod.calibrate``). ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2) are quantized; any other
+(``effllm_lib.bitmod.calibrate``; "gptq" with ``hessian=True``). ``nn.Linear`` and transformers' ``Conv1D``
+(GPT-2) are quantized; any other
 layer with a matrix weight (other than embeddings) is an error naming it unless ``skip`` names it.
 """
 
@@ -61,8 +69,8 @@ from torch import nn
 from . import datatypes as dt
 
 DTYPES = ("int", "int_asym", "fp", "flint", "fp_er_pos", "fp_er_neg", "fp_ea_pos", "fp_ea_neg",
-          "bitmod", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp")
-CALIBRATIONS = ("none", "act", "awq")
+          "bitmod", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "mxfp", "nvfp", "q4_k", "q3_k")
+CALIBRATIONS = ("none", "act", "awq", "gptq")
 # Group-selection methods: the candidate types, in tie-break order.
 _SELECTION = {
     "bitmod": lambda b: dt.bitmod_grids(b),
@@ -70,7 +78,8 @@ _SELECTION = {
     "ea": lambda b: dt.bitmod_grids(b)[2:],
     "ant": lambda b: (dt.INT4, dt.FLINT4) if b == 4 else (dt.INT3, dt.FP3),
 }
-_FIXED_GROUP = {"mxfp": 32, "nvfp": 16, "iq4_nl": 32}
+_FIXED_GROUP = {"mxfp": 32, "nvfp": 16, "iq4_nl": 32, "q4_k": 256, "q3_k": 256}
+_KQUANT_BITS = {"q4_k": 4, "q3_k": 3}
 # The simulator's accounting: 8 metadata bits per group (scale and type id together).
 PAPER_METADATA_BITS = 8
 NVFP_TENSOR_SCALE_BITS = 32
@@ -88,7 +97,8 @@ class BitMoDConfig:
     quantized in chunks of about this many weights, which bounds the extra memory. accounting: ``"paper"``
     (8 bits of metadata per group, giving 4.0625 / 3.0625) or ``"fp16"`` (a 16-bit scale plus the type id).
     clip: the per-group clipping search (``CLIP_RATIOS``). calibration: ``"none"`` (round to nearest), ``"act"``
-    (activation-weighted selection and clipping) or ``"awq"`` (AWQ scaling, then as "act"); see the module doc.
+    (activation-weighted selection and clipping), ``"awq"`` (AWQ scaling, then as "act") or ``"gptq"``; see the
+    module doc.
     packed: replace the quantized layers by ``packed.BitMoDLinear`` (3/4-bit codes, group scales, 2-bit type ids,
     run by the LUT kernels), so the model holds the packed bytes rather than float weights; only the
     BitMoD-grid data types pack.
@@ -113,6 +123,8 @@ class BitMoDConfig:
             raise ValueError(f"bits must be 3 or 4, got {self.bits!r}")
         if self.dtype == "flint" and self.bits != 4:
             raise ValueError("FLINT is a 4-bit type (ANT's 3-bit choice is INT3 vs FP3: dtype='ant')")
+        if self.dtype in _KQUANT_BITS and self.bits != _KQUANT_BITS[self.dtype]:
+            raise ValueError(f"{self.dtype.upper()} is a {_KQUANT_BITS[self.dtype]}-bit type, got bits={self.bits}")
         if self.dtype in ("nf4", "iq4_nl") and self.bits != 4:
             raise ValueError(f"{self.dtype.upper()} is a 4-bit type (there is no standard 3-bit variant)")
         if self.packed and self.dtype not in ("bitmod", "er", "ea") and not self.dtype.startswith("fp_e"):
@@ -262,6 +274,19 @@ def _iq4_nl(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[to
     scale d = sum(w q x) / sum(w q^2) of the codes q for the absmax-based scale, then of the 2*7+1 scales
     (itry - 127) / max, keeping the best; codes are re-rounded with the final d, stored as FP16.
     Returns (dequantized, the FP16 scale d per group)."""
+    d = _iq4_nl_scale(x, importance)
+    return _iq4_nl_round(x, d), d.to(torch.float16).to(x.dtype)
+
+
+def _iq4_nl_round(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """IQ4_NL codes of ``x`` for the unrounded scale ``d`` (llama.cpp rounds with 1/d), dequantized with d in FP16."""
+    values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
+    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
+    return values[_nearest_index_ties_up(inv * x, values)] * d.to(torch.float16).to(x.dtype)
+
+
+def _iq4_nl_scale(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
+    """The (unrounded) scale d per group of ``_iq4_nl``'s search."""
     values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
     if importance is None:
         w = x * x
@@ -286,11 +311,7 @@ def _iq4_nl(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[to
         d_new = sumqx / torch.where(sumq2 > 0, sumq2, torch.ones_like(sumq2))
         d = torch.where(better, d_new, d)
         best = torch.where(better, d_new * sumqx, best)
-    d = torch.where(live, d, torch.zeros_like(d))
-    inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
-    codes = values[_nearest_index_ties_up(inv * x, values)]
-    d16 = d.to(torch.float16).to(x.dtype)
-    return codes * d16, d16
+    return torch.where(live, d, torch.zeros_like(d))
 
 
 # The clipping search's ratios: AWQ's auto_clip grid (max shrink 0.5 in steps of 1/20): 1.0, 0.95, ..., 0.55.
@@ -342,6 +363,11 @@ def _candidates(dtype: str, bits: int, tensor_amax: float) -> tuple[list[Callabl
         return [lambda x, r, w: _absmax(x, NF4.tensor(x.device, x.dtype), r)], None
     if dtype == "iq4_nl":  # its own scale search; the importance weights are bound per call in quantize_tensor
         return [lambda x, r, w: _iq4_nl(x, w)[0]], [1.0]
+    if dtype in _KQUANT_BITS:  # their own scale fits (llama.cpp's reference quantizers, no importance matrix)
+        from . import kquants
+
+        fn = kquants.q4_k if dtype == "q4_k" else kquants.q3_k
+        return [lambda x, r, w: fn(x)], [1.0]
     name = {"int": f"int{bits}", "fp": f"fp{bits}", "flint": "flint4"}.get(dtype, dtype.replace("fp", f"fp{bits}"))
     values = dt.grid(name).tensor()
     return [lambda x, r, w: _absmax(x, values.to(x.device, x.dtype), r)], None
@@ -353,7 +379,7 @@ def _absmax_value_sets(dtype: str, bits: int) -> list[torch.Tensor] | None:
         return [g.tensor() for g in _SELECTION[dtype](bits)]
     if dtype == "nf4":
         return [NF4.tensor()]
-    if dtype in ("int_asym", "olive", "mxfp", "nvfp", "iq4_nl"):
+    if dtype in ("int_asym", "olive", "mxfp", "nvfp", "iq4_nl", *_KQUANT_BITS):
         return None
     name = {"int": f"int{bits}", "fp": f"fp{bits}", "flint": "flint4"}.get(dtype, dtype.replace("fp", f"fp{bits}"))
     return [dt.grid(name).tensor()]
@@ -419,6 +445,11 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
     g = cfg.effective_group_size
     if dtype == "olive" and cols % 2:
         raise ValueError(f"OliVe pairs adjacent weights: in_features must be even, got {cols}")
+    if dtype in _KQUANT_BITS:
+        from .kquants import SUB
+
+        if cols % SUB[dtype]:
+            raise ValueError(f"{dtype}: in_features {cols} is not a multiple of its sub-block of {SUB[dtype]}")
     full, tail = divmod(cols, g)
     if dtype == "olive" and tail % 2:
         raise ValueError(f"OliVe needs an even last group; in_features {cols} mod group {g} = {tail}")
@@ -459,6 +490,10 @@ def metadata_bits_per_group(dtype: str, bits: int, accounting: str = "paper") ->
         return 8.0  # E4M3 block scale (the per-tensor FP32 scale is added per tensor)
     if dtype == "iq4_nl" and accounting == "fp16":
         return 16.0  # the FP16 scale of each block of 32 (4.5 bits/weight, as llama.cpp counts it)
+    if dtype in _KQUANT_BITS:  # per full super-block of 256: 6-bit sub-block scales (+ mins) and FP16 d (+ dmin)
+        from .kquants import kquant_bits
+
+        return float(kquant_bits(dtype, 256) - bits * 256)
     type_id = math.ceil(math.log2(len(_SELECTION[dtype](bits)))) if dtype in _SELECTION else 0
     zero_point = bits if dtype == "int_asym" else 0
     if accounting == "paper":
@@ -545,6 +580,30 @@ def _awq_scale(weights: list[torch.Tensor], stats, config: BitMoDConfig) -> tupl
     return best[0], best[1]
 
 
+def _gptq_layers(targets, calibration, config: BitMoDConfig) -> dict:
+    """GPTQ of every target, layers that read the same tensor (one Gram matrix) stacked into one call: GPTQ treats
+    rows independently, so stacking q/k/v changes nothing but the per-column overhead (not NVFP, whose per-tensor
+    scale is per layer)."""
+    from .gptq import gptq_quantize
+
+    batches: dict[int, list] = {}
+    for name, module in targets:
+        key = id(calibration[name].xtx) if config.dtype != "nvfp" else id(module)
+        batches.setdefault(key, []).append((name, _weight_2d(module)))
+    out = {}
+    for members in batches.values():
+        w = torch.cat([m for _, m in members]) if len(members) > 1 else members[0][1]
+        res = gptq_quantize(w, calibration[members[0][0]].xtx.to(w.device), config.bits, config.dtype,
+                            config.group_size, clip=config.clip)
+        r0, per_row = 0, res.n_groups // w.shape[0]
+        for name, m in members:
+            r1 = r0 + m.shape[0]
+            out[name] = TensorQuant(res.weight[r0:r1], None if res.type_ids is None else res.type_ids[r0:r1],
+                                    per_row * m.shape[0])
+            r0 = r1
+    return out
+
+
 def _weight_2d(module: nn.Module) -> torch.Tensor:
     """The weight as ``[out_features, in_features]`` (a view: transformers' Conv1D stores ``[in, out]``)."""
     return module.weight.data if isinstance(module, nn.Linear) else module.weight.data.t()
@@ -566,7 +625,8 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
     """Fake-quantize every ``nn.Linear`` / ``Conv1D`` weight of ``model`` in place; returns a ``QuantReport``.
 
     ``calibration`` (``calibrate.collect_activation_stats(model, windows)``) is required when
-    ``config.calibration`` is "act" or "awq". A layer with a matrix weight of another type (e.g. a convolution)
+    ``config.calibration`` is "act", "awq" or "gptq" (the latter with ``hessian=True``). A layer with a matrix
+    weight of another type (e.g. a convolution)
     is an error naming it, unless ``config.skip`` names it; ``report.skipped`` lists what stayed in float.
     """
     from .calibrate import quantizable_layers
@@ -598,6 +658,9 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         missing = [n for n, _ in targets if n not in calibration]
         if missing:
             raise ValueError(f"no calibration statistics for {len(missing)} layer(s): {', '.join(missing[:5])}")
+        if config.calibration == "gptq" and any(getattr(calibration[n], "xtx", None) is None for n, _ in targets):
+            raise ValueError("calibration='gptq' needs the input Gram matrices: "
+                             "collect_activation_stats(model, windows, hessian=True)")
     untied = False
     if lm_head is not None and any(m is lm_head for _, m in targets):
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -618,6 +681,7 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
             for name, _ in members:
                 scales[name], alphas[name] = s, alpha
 
+    gptq_done = _gptq_layers(targets, calibration, config) if config.calibration == "gptq" else {}
     names = candidate_names(config.dtype, config.bits)
     counts: Counter = Counter()
     rows, code_bits, meta_bits, tensors = [], 0.0, 0.0, 0
@@ -625,7 +689,9 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
     for name, module in targets:
         w = _weight_2d(module)
         col_weight = calibration[name].sq_mean.to(w.device) if config.calibration != "none" else None
-        if name in scales:
+        if config.calibration == "gptq":
+            res = gptq_done.pop(name)
+        elif name in scales:
             s = scales[name].to(w.device)
             res = quantize_tensor(w.float() * s, config.bits, config.dtype, config.group_size, config.chunk_elements,
                                   clip=config.clip, col_weight=col_weight / s.pow(2))
@@ -650,7 +716,12 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         rows.append(row)
         w.copy_(res.weight)  # a view of the parameter: writes through (transposed back for Conv1D)
         code_bits += config.bits * w.numel()
-        meta_bits += meta * res.n_groups
+        if config.dtype in _KQUANT_BITS:  # exact, a short last super-block included
+            from .kquants import kquant_bits
+
+            meta_bits += w.shape[0] * kquant_bits(config.dtype, w.shape[1]) - config.bits * w.numel()
+        else:
+            meta_bits += meta * res.n_groups
         tensors += 1
     if config.dtype == "nvfp":
         meta_bits += NVFP_TENSOR_SCALE_BITS * tensors
