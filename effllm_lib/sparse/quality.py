@@ -112,6 +112,80 @@ def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=ME
 FULL_MODELS = ("smollm2-135m", "gemma3-270m", "qwen2.5-1.5b")
 
 
+# ------------------------------------------------------------------------ what the thresholds actually prune
+def threshold_counts(weight: torch.Tensor, score: torch.Tensor, sparsity: float, per_row: bool,
+                     pruned: torch.Tensor) -> dict[str, int]:
+    """Counts for one layer pruned at ``sparsity`` by ``score`` (per layer, or per output row): ``asked``
+    (round(sparsity * count) per group), ``below`` / ``tied`` (scores below / equal to the group's ``kthvalue``
+    threshold), ``at_or_below`` (what zeroing every score <= threshold would prune), ``zero_before`` (weights
+    already exactly zero) and ``zero_after`` (zeros in ``pruned``, the pruning function's output)."""
+    s = score.float().reshape(1, -1) if not per_row else score.float()
+    k = int(round(sparsity * s.shape[1]))
+    out = {"weights": weight.numel(), "asked": k * s.shape[0], "zero_before": int((weight == 0).sum()),
+           "zero_after": int((pruned == 0).sum())}
+    if k == 0:
+        return out | {"below": 0, "tied": 0, "at_or_below": 0}
+    thr = s.kthvalue(k, dim=1, keepdim=True).values
+    below, tied = int((s < thr).sum()), int((s == thr).sum())
+    return out | {"below": below, "tied": tied, "at_or_below": below + tied}
+
+
+@torch.no_grad()
+def sparsity_reached(model, sparsities=(0.0, 0.5, 0.7), methods=METHODS, tokenizer=None, calibration=None,
+                     model_name: str = "model") -> pd.DataFrame:
+    """One row per method x sparsity over all the linears ``sparsify_`` prunes: the fraction of weights asked
+    for, the fraction zero after ``sparsify_``'s pruning (``reached``), the fraction a plain ``<= kthvalue``
+    threshold would zero (``at_or_below``), the fraction tied at the threshold, and the fraction already zero
+    in the dense weights. The model is not modified; Wanda's norms are computed once from the dense model."""
+    from .pruning import prune_magnitude, prune_wanda
+    from .sparsify import SparsifyConfig, _arch, _generic_targets, hf_targets, wanda_norms
+
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsities must be in [0, 1), got {s}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; expected one of {METHODS}")
+    names = hf_targets(model) if _arch(model) is not None else _generic_targets(model, None)
+    norms = wanda_norms(model, names, SparsifyConfig(method="wanda"), tokenizer, calibration) \
+        if "wanda" in methods else {}
+    rows = []
+    for method in methods:
+        for sp in sparsities:
+            tot: dict[str, int] = {}
+            for n in names:
+                w = model.get_submodule(n).weight.detach()
+                if method == "wanda":
+                    score, pruned = w.abs().float() * norms[n].float()[None, :], prune_wanda(w, norms[n], sp)
+                else:
+                    score, pruned = w.abs().float(), prune_magnitude(w, sp)
+                for key, v in threshold_counts(w, score, sp, method == "wanda", pruned).items():
+                    tot[key] = tot.get(key, 0) + v
+            n_w = tot["weights"]
+            rows.append({"model": model_name, "method": method, "sparsity": sp, "weights": n_w,
+                         "asked": tot["asked"] / n_w, "reached": tot["zero_after"] / n_w,
+                         "at_or_below": tot["at_or_below"] / n_w, "tied": tot["tied"] / n_w,
+                         "zero_before": tot["zero_before"] / n_w})
+    return pd.DataFrame(rows)
+
+
+def load_pruning_perplexity() -> pd.DataFrame:
+    """The committed perplexity runs, one file per run (``pruning_perplexity`` and ``pruning_perplexity_*``),
+    as one table; each row keeps its run's commit and scale in ``run_commit`` / ``run_scale`` and its scored
+    windows in ``windows``. Raises ``FileNotFoundError`` when there is none."""
+    from .. import results
+
+    frames = []
+    for name in sorted(results.available("sparamx")):
+        if name == "pruning_perplexity" or name.startswith("pruning_perplexity_"):
+            df = results.load("sparamx", name)
+            prov = df.attrs["provenance"]
+            frames.append(df.assign(run=name, run_commit=prov["commit"][:8], run_scale=prov["scale"]))
+    if not frames:
+        raise FileNotFoundError("no pruning_perplexity results committed in data/results/sparamx")
+    return pd.concat(frames, ignore_index=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", choices=("ci", "full"), default="ci",
@@ -127,12 +201,21 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", action="store_true",
                     help="run the bf16 sparse kernels (default: sparsify_'s pruning as zeros in float32 weights)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="pruning_perplexity",
+                    help="results name (data/results/sparamx/<out>.csv); one file per run, e.g. "
+                         "pruning_perplexity_gemma3-270m, so a new model does not replace the committed ones")
+    ap.add_argument("--sparsity-reached", action="store_true",
+                    help="instead of perplexity: the fraction of weights each method and sparsity actually zeroes "
+                         "vs a plain <= kthvalue threshold (ties of the 4-bit grid); writes <out>, default "
+                         "pruning_sparsity_reached")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     models = ["tiny-llama"] if args.scale == "ci" else [m for m in args.models.split(",") if m]
     sparsities = [float(s) for s in args.sparsities.split(",")]
     methods = [m for m in args.methods.split(",") if m]
+    if args.sparsity_reached:
+        return _main_sparsity_reached(args, models, sparsities, methods)
     per_model = dict(kv.split("=") for kv in args.max_windows_per_model.split(",") if kv)
     frames = []
     for m in models:  # saved after every model, so a run cut short keeps the models it finished
@@ -144,13 +227,35 @@ def main(argv=None) -> int:
             from .. import results
 
             done = [f.model.iloc[0] for f in frames]
-            path = results.save(pd.concat(frames, ignore_index=True), "sparamx", "pruning_perplexity", scale="full",
+            path = results.save(pd.concat(frames, ignore_index=True), "sparamx", args.out, scale="full",
                                 params={"models": done, "sparsities": sparsities, "methods": methods,
                                         "ctx": args.ctx, "max_windows": args.max_windows,
                                         "max_windows_per_model": per_model, "kernels": args.kernels,
                                         "threads": torch.get_num_threads(),
                                         "eval_text": "packaged English Wikipedia minus the ci calibration slice",
                                         "calibration": "Wanda: 16 windows x 256 tokens of the ci slice"})
+            print(f"wrote {path}", flush=True)
+    return 0
+
+
+def _main_sparsity_reached(args, models, sparsities, methods) -> int:
+    name = "pruning_sparsity_reached" if args.out == "pruning_perplexity" else args.out
+    frames = []
+    for m in models:
+        t0 = time.perf_counter()
+        model, tok, _ = _load(m)
+        frames.append(sparsity_reached(model, sparsities, methods, tokenizer=tok, model_name=m)
+                      .assign(seconds=time.perf_counter() - t0))
+        del model
+        print(frames[-1].round(5).to_string(index=False), flush=True)
+        if args.scale == "full":
+            from .. import results
+
+            path = results.save(pd.concat(frames, ignore_index=True), "sparamx", name, scale="full",
+                                params={"models": [f.model.iloc[0] for f in frames], "sparsities": sparsities,
+                                        "methods": methods, "threads": torch.get_num_threads(),
+                                        "calibration": "Wanda: 16 windows x 256 tokens of the ci slice",
+                                        "scope": "every linear sparsify_ prunes (q/k/v/o, gate/up/down)"})
             print(f"wrote {path}", flush=True)
     return 0
 

@@ -227,20 +227,24 @@ def _pack(w: torch.Tensor, dtype: str):
     return pack_bf16_fast(w) if dtype == "bf16" else pack_int8(w)
 
 
+def wanda_norms(model, names, config, tokenizer=None, calibration=None) -> dict[str, torch.Tensor]:
+    """Wanda's input-channel activation norms of the linears ``names``, from ``calibration`` (input_ids
+    tensors) or, with ``tokenizer``, from ``config.calibration_windows`` windows of the packaged Wikipedia slice."""
+    if calibration is None:
+        if tokenizer is None:
+            raise ValueError("method='wanda' needs calibration activations: pass tokenizer= (the packaged "
+                             "Wikipedia text is used) or calibration=[input_ids, ...]")
+        bos = _arch(model) == "gemma3_text"  # Gemma needs <bos> at the start of every window
+        calibration = calibration_batches(tokenizer, windows=config.calibration_windows,
+                                          seq_len=config.calibration_len, bos=bos)
+    return input_norms(model, names, calibration)
+
+
 def _pruner(model, names, config, tokenizer, calibration) -> Callable[[str], torch.Tensor]:
     """A function name -> pruned weight, pruning when asked (so only packed weights pile up; the model itself
     is not modified)."""
     modules = dict(model.named_modules())
-    norms = {}
-    if config.method == "wanda":
-        if calibration is None:
-            if tokenizer is None:
-                raise ValueError("method='wanda' needs calibration activations: pass tokenizer= (the packaged "
-                                 "Wikipedia text is used) or calibration=[input_ids, ...]")
-            bos = _arch(model) == "gemma3_text"  # Gemma needs <bos> at the start of every window
-            calibration = calibration_batches(tokenizer, windows=config.calibration_windows,
-                                              seq_len=config.calibration_len, bos=bos)
-        norms = input_norms(model, names, calibration)
+    norms = wanda_norms(model, names, config, tokenizer, calibration) if config.method == "wanda" else {}
 
     def prune(name: str) -> torch.Tensor:
         w = modules[name].weight.detach()
