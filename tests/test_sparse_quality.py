@@ -76,3 +76,25 @@ def test_bad_input():
         sparsity_reached(model, [0.5], ["random"])
     with pytest.raises(ValueError, match="calibration"):
         sparsity_reached(model, [0.5], ["wanda"])
+
+
+def test_norms_from_the_decoder_alone_equal_the_full_forward_and_can_be_reused():
+    from effllm_lib.sparse import SparsifyConfig, input_norms
+    from effllm_lib.sparse.sparsify import prune_weights_, wanda_norms
+
+    model, _ = tiny_causal_lm("llama", tokenizer="byte", hidden=64)
+    names = hf_targets(model)
+    calib = [torch.randint(0, 256, (1, 24), generator=torch.Generator().manual_seed(2))]
+    dec = input_norms(model, names, calib)  # decoder only (no lm_head logits)
+    full = input_norms(model, names + ["lm_head"], calib)  # lm_head hooked: the whole model runs
+    for n in names:
+        torch.testing.assert_close(dec[n], full[n], rtol=0, atol=0)
+    cfg = SparsifyConfig(sparsity=0.5, method="wanda")
+    a, _ = tiny_causal_lm("llama", tokenizer="byte", hidden=64)
+    b, _ = tiny_causal_lm("llama", tokenizer="byte", hidden=64)
+    prune_weights_(a, cfg, calibration=calib)
+    prune_weights_(b, cfg, norms=wanda_norms(b, names, cfg, calibration=calib))
+    for n in names:
+        assert torch.equal(a.get_submodule(n).weight, b.get_submodule(n).weight)
+    with pytest.raises(ValueError, match="norms must cover"):
+        prune_weights_(b, cfg, norms={names[0]: dec[names[0]]})

@@ -71,6 +71,7 @@ def prune_wanda(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float)
 def input_norms(model: nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` over all calibration tokens for the input of each named ``nn.Linear`` (float64 sums of
     squares, so long calibration runs do not lose the small channels)."""
+    names = list(names)
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     hooks = []
@@ -85,10 +86,14 @@ def input_norms(model: nn.Module, names: Iterable[str], batches: Iterable[torch.
         if name not in modules:
             raise ValueError(f"no module named {name!r} in the model")
         hooks.append(modules[name].register_forward_pre_hook(hook(name)))
+    # an HF causal LM whose hooked linears all sit in its decoder runs the decoder alone: the lm_head's logits
+    # (Gemma-3's 262k-token vocabulary: more work than its 18 layers) are not needed for the norms
+    decoder = getattr(model, "model", None) if _takes_input_ids(model) else None
+    run = decoder if decoder is not None and all(n.startswith("model.") for n in names) else model
     try:
         seen = 0
         for ids in batches:
-            model(input_ids=ids) if _takes_input_ids(model) else model(ids)
+            run(input_ids=ids) if _takes_input_ids(model) else model(ids)
             seen += 1
         if not seen:
             raise ValueError("no calibration batches given")

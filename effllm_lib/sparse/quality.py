@@ -60,13 +60,14 @@ def eval_text(scale: str) -> str:
 @torch.no_grad()
 def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=METHODS, *, ctx: int = 512,
                        max_windows: int | None = 64, scale: str = "full", kernels: bool = False,
-                       progress: bool = True) -> pd.DataFrame:
+                       progress: bool = True, calibration_windows: int = 16) -> pd.DataFrame:
     """One row per model x method x sparsity: perplexity with its bootstrap interval, the ratio to the dense
     model (sparsity 0, method "dense": the baseline of ``ppl_ratio``) with a paired interval, tokens, windows
-    and seconds. With ``kernels`` every row runs the bf16 sparse kernels (dense = ``sparsify_`` with nothing
+    and seconds. Wanda's norms come from ``calibration_windows`` windows of 256 tokens, computed once per
+    model on the dense model and shared by its sparsities. With ``kernels`` every row runs the bf16 sparse kernels (dense = ``sparsify_`` with nothing
     pruned, so all rows share the bf16 weights) and a "float32" row gives the model as loaded."""
     from .. import eval as E
-    from .sparsify import SparsifyConfig, prune_weights_, sparsify_
+    from .sparsify import SparsifyConfig, _arch, _generic_targets, hf_targets, prune_weights_, sparsify_, wanda_norms
 
     for s in sparsities:
         if not 0.0 <= s < 1.0:
@@ -84,13 +85,18 @@ def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=ME
         dense_nll = None
         configs = [("dense", 0.0)] + [("float32", 0.0)] * kernels + [(m, s) for m in methods for s in sparsities
                                                                      if s > 0]
+        norms = None
         for method, s in configs:
             t0 = time.perf_counter()
             model, tok, bos = _load(name)
+            cfg = SparsifyConfig(sparsity=s, method=method if s > 0 else "none", calibration_windows=calibration_windows)
+            if method == "wanda" and norms is None and not kernels:  # once per model, from the dense weights
+                norms = wanda_norms(model, hf_targets(model) if _arch(model) else _generic_targets(model, None), cfg,
+                                    tok)
             if kernels and method != "float32":  # "dense": nothing pruned, the same bf16 kernels as the rest
-                sparsify_(model, SparsifyConfig(sparsity=s, method=method if s > 0 else "none"), tokenizer=tok)
+                sparsify_(model, cfg, tokenizer=tok)
             elif s > 0:
-                prune_weights_(model, SparsifyConfig(sparsity=s, method=method), tokenizer=tok)
+                prune_weights_(model, cfg, tokenizer=tok, norms=norms)
             sc = E.window_scores(model, wins, progress=progress, desc=f"{name} {method} {s:.0%}")
             nll, ntok = sc.nll_sum.numpy(), sc.tokens.numpy().astype(float)
             ppl, lo, hi = bootstrap_ci(_ppl, nll, ntok)
@@ -102,6 +108,7 @@ def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=ME
                 r, rlo, rhi = bootstrap_ci(lambda a, b, t: _ppl(a, t) / _ppl(b, t), nll, dense_nll, ntok)
                 row.update(ppl_ratio=r, ratio_lo=rlo, ratio_hi=rhi)
             row.update(tokens=int(ntok.sum()), windows=len(wins), total_windows=total, ctx=ctx, bos=bos,
+                       calibration_tokens=calibration_windows * 256 if method == "wanda" else 0,
                        compute="sparse kernels (bf16)" if kernels and method != "float32" else "masked float32",
                        seconds=time.perf_counter() - t0)
             rows.append(row)
@@ -201,6 +208,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kernels", action="store_true",
                     help="run the bf16 sparse kernels (default: sparsify_'s pruning as zeros in float32 weights)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--calibration-windows", type=int, default=16,
+                    help="Wanda's calibration windows of 256 tokens from the ci slice (fewer for a large model)")
     ap.add_argument("--out", default="pruning_perplexity",
                     help="results name (data/results/sparamx/<out>.csv); one file per run, e.g. "
                          "pruning_perplexity_gemma3-270m, so a new model does not replace the committed ones")
@@ -221,7 +230,7 @@ def main(argv=None) -> int:
     for m in models:  # saved after every model, so a run cut short keeps the models it finished
         mw = int(per_model.get(m, args.max_windows))
         frames.append(pruning_perplexity([m], sparsities, methods, ctx=args.ctx, max_windows=mw, scale=args.scale,
-                                         kernels=args.kernels))
+                                         kernels=args.kernels, calibration_windows=args.calibration_windows))
         print(frames[-1].round(3).to_string(index=False), flush=True)
         if args.scale == "full":
             from .. import results
@@ -233,7 +242,8 @@ def main(argv=None) -> int:
                                         "max_windows_per_model": per_model, "kernels": args.kernels,
                                         "threads": torch.get_num_threads(),
                                         "eval_text": "packaged English Wikipedia minus the ci calibration slice",
-                                        "calibration": "Wanda: 16 windows x 256 tokens of the ci slice"})
+                                        "calibration": f"Wanda: {args.calibration_windows} windows x 256 tokens "
+                                                       "of the ci slice, norms computed once per model"})
             print(f"wrote {path}", flush=True)
     return 0
 
