@@ -98,3 +98,16 @@ def test_norms_from_the_decoder_alone_equal_the_full_forward_and_can_be_reused()
         assert torch.equal(a.get_submodule(n).weight, b.get_submodule(n).weight)
     with pytest.raises(ValueError, match="norms must cover"):
         prune_weights_(b, cfg, norms={names[0]: dec[names[0]]})
+
+
+def test_layer_stride_counts_a_sample_of_layers():
+    model, _ = grid_model()
+    names = hf_targets(model)
+    kept = [n for n in names if ".layers.0." in n]  # 2 layers, stride 2: layer 0 only
+    row = sparsity_reached(model, [0.5], ["magnitude"], layer_stride=2).iloc[0]
+    asked, le, zero = brute({n: model.get_submodule(n).weight.detach() for n in kept}, 0.5)
+    assert row.linears == len(kept) == len(names) // 2
+    assert row.weights == sum(model.get_submodule(n).weight.numel() for n in kept)
+    assert row.at_or_below == pytest.approx(le) and row.zero_before == pytest.approx(zero)
+    with pytest.raises(ValueError, match="layer_stride"):
+        sparsity_reached(model, [0.5], ["magnitude"], layer_stride=0)

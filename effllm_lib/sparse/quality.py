@@ -139,11 +139,13 @@ def threshold_counts(weight: torch.Tensor, score: torch.Tensor, sparsity: float,
 
 @torch.no_grad()
 def sparsity_reached(model, sparsities=(0.0, 0.5, 0.7), methods=METHODS, tokenizer=None, calibration=None,
-                     model_name: str = "model") -> pd.DataFrame:
+                     model_name: str = "model", layer_stride: int = 1) -> pd.DataFrame:
     """One row per method x sparsity over all the linears ``sparsify_`` prunes: the fraction of weights asked
     for, the fraction zero after ``sparsify_``'s pruning (``reached``), the fraction a plain ``<= kthvalue``
     threshold would zero (``at_or_below``), the fraction tied at the threshold, and the fraction already zero
-    in the dense weights. The model is not modified; Wanda's norms are computed once from the dense model."""
+    in the dense weights. The model is not modified; Wanda's norms are computed once from the dense model.
+    ``layer_stride`` > 1 counts every that-many-th decoder layer only (0, stride, ...): a sample, for a model
+    whose full count (two ``kthvalue`` passes over every weight per sparsity) is too slow on a small CPU."""
     from .pruning import prune_magnitude, prune_wanda
     from .sparsify import SparsifyConfig, _arch, _generic_targets, hf_targets, wanda_norms
 
@@ -153,7 +155,11 @@ def sparsity_reached(model, sparsities=(0.0, 0.5, 0.7), methods=METHODS, tokeniz
     for m in methods:
         if m not in METHODS:
             raise ValueError(f"unknown method {m!r}; expected one of {METHODS}")
+    if not isinstance(layer_stride, int) or layer_stride < 1:
+        raise ValueError(f"layer_stride must be a positive int, got {layer_stride!r}")
     names = hf_targets(model) if _arch(model) is not None else _generic_targets(model, None)
+    if layer_stride > 1:
+        names = [n for n in names if int(n.split("layers.")[1].split(".")[0]) % layer_stride == 0]
     norms = wanda_norms(model, names, SparsifyConfig(method="wanda"), tokenizer, calibration) \
         if "wanda" in methods else {}
     rows = []
@@ -169,7 +175,8 @@ def sparsity_reached(model, sparsities=(0.0, 0.5, 0.7), methods=METHODS, tokeniz
                 for key, v in threshold_counts(w, score, sp, method == "wanda", pruned).items():
                     tot[key] = tot.get(key, 0) + v
             n_w = tot["weights"]
-            rows.append({"model": model_name, "method": method, "sparsity": sp, "weights": n_w,
+            rows.append({"model": model_name, "method": method, "sparsity": sp, "layer_stride": layer_stride,
+                         "linears": len(names), "weights": n_w,
                          "asked": tot["asked"] / n_w, "reached": tot["zero_after"] / n_w,
                          "at_or_below": tot["at_or_below"] / n_w, "tied": tot["tied"] / n_w,
                          "zero_before": tot["zero_before"] / n_w})
@@ -187,6 +194,8 @@ def load_pruning_perplexity() -> pd.DataFrame:
         if name == "pruning_perplexity" or name.startswith("pruning_perplexity_"):
             df = results.load("sparamx", name)
             prov = df.attrs["provenance"]
+            if "calibration_tokens" not in df:  # runs before the column: SparsifyConfig's default, 16 x 256
+                df["calibration_tokens"] = np.where(df.method == "wanda", 16 * 256, 0)
             frames.append(df.assign(run=name, run_commit=prov["commit"][:8], run_scale=prov["scale"]))
     if not frames:
         raise FileNotFoundError("no pruning_perplexity results committed in data/results/sparamx")
@@ -214,9 +223,12 @@ def main(argv=None) -> int:
                     help="results name (data/results/sparamx/<out>.csv); one file per run, e.g. "
                          "pruning_perplexity_gemma3-270m, so a new model does not replace the committed ones")
     ap.add_argument("--sparsity-reached", action="store_true",
-                    help="instead of perplexity: the fraction of weights each method and sparsity actually zeroes "
+                    help="instead of perplexity (see --layer-stride): the fraction of weights each method and sparsity actually zeroes "
                          "vs a plain <= kthvalue threshold (ties of the 4-bit grid); writes <out>, default "
                          "pruning_sparsity_reached")
+    ap.add_argument("--layer-stride", default="",
+                    help="with --sparsity-reached: count every N-th decoder layer only, per model, e.g. "
+                         "qwen2.5-1.5b=7 (a sample, for a model too large to count whole here)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -250,11 +262,13 @@ def main(argv=None) -> int:
 
 def _main_sparsity_reached(args, models, sparsities, methods) -> int:
     name = "pruning_sparsity_reached" if args.out == "pruning_perplexity" else args.out
+    strides = {k: int(v) for k, v in (kv.split("=") for kv in args.layer_stride.split(",") if kv)}
     frames = []
     for m in models:
         t0 = time.perf_counter()
         model, tok, _ = _load(m)
-        frames.append(sparsity_reached(model, sparsities, methods, tokenizer=tok, model_name=m)
+        frames.append(sparsity_reached(model, sparsities, methods, tokenizer=tok, model_name=m,
+                                       layer_stride=strides.get(m, 1))
                       .assign(seconds=time.perf_counter() - t0))
         del model
         print(frames[-1].round(5).to_string(index=False), flush=True)
@@ -264,6 +278,7 @@ def _main_sparsity_reached(args, models, sparsities, methods) -> int:
             path = results.save(pd.concat(frames, ignore_index=True), "sparamx", name, scale="full",
                                 params={"models": [f.model.iloc[0] for f in frames], "sparsities": sparsities,
                                         "methods": methods, "threads": torch.get_num_threads(),
+                                        "layer_stride": strides,
                                         "calibration": "Wanda: 16 windows x 256 tokens of the ci slice",
                                         "scope": "every linear sparsify_ prunes (q/k/v/o, gate/up/down)"})
             print(f"wrote {path}", flush=True)
