@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import math
 import time
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -60,7 +61,8 @@ def eval_text(scale: str) -> str:
 @torch.no_grad()
 def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=METHODS, *, ctx: int = 512,
                        max_windows: int | None = 64, scale: str = "full", kernels: bool = False,
-                       progress: bool = True, calibration_windows: int = 16) -> pd.DataFrame:
+                       progress: bool = True, calibration_windows: int = 16,
+                       on_row: Callable[[pd.DataFrame], None] | None = None) -> pd.DataFrame:
     """One row per model x method x sparsity: perplexity with its bootstrap interval, the ratio to the dense
     model (sparsity 0, method "dense": the baseline of ``ppl_ratio``) with a paired interval, tokens, windows
     and seconds. Wanda's norms come from ``calibration_windows`` windows of 256 tokens, computed once per
@@ -83,7 +85,8 @@ def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=ME
         wins, total = E.windows(ids, ctx, tok.bos_token_id if bos else None, max_windows)
         del model
         dense_nll = None
-        configs = [("dense", 0.0)] + [("float32", 0.0)] * kernels + [(m, s) for m in methods for s in sparsities
+        # sparsity-major (dense, magnitude 50 %, Wanda 50 %, ...): a run cut short still compares the methods
+        configs = [("dense", 0.0)] + [("float32", 0.0)] * kernels + [(m, s) for s in sparsities for m in methods
                                                                      if s > 0]
         norms = None
         for method, s in configs:
@@ -113,6 +116,8 @@ def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=ME
                        seconds=time.perf_counter() - t0)
             rows.append(row)
             del model
+            if on_row is not None:
+                on_row(pd.DataFrame(rows))
     return pd.DataFrame(rows)
 
 
@@ -239,24 +244,30 @@ def main(argv=None) -> int:
         return _main_sparsity_reached(args, models, sparsities, methods)
     per_model = dict(kv.split("=") for kv in args.max_windows_per_model.split(",") if kv)
     frames = []
-    for m in models:  # saved after every model, so a run cut short keeps the models it finished
+    def save(frames, complete):
+        from .. import results
+
+        path = results.save(pd.concat(frames, ignore_index=True), "sparamx", args.out, scale="full",
+                            params={"models": list(dict.fromkeys(f.model.iloc[0] for f in frames)),
+                                    "complete": complete, "sparsities": sparsities, "methods": methods,
+                                    "ctx": args.ctx, "max_windows": args.max_windows,
+                                    "max_windows_per_model": per_model, "kernels": args.kernels,
+                                    "threads": torch.get_num_threads(),
+                                    "eval_text": "packaged English Wikipedia minus the ci calibration slice",
+                                    "calibration": f"Wanda: {args.calibration_windows} windows x 256 tokens "
+                                                   "of the ci slice, norms computed once per model"})
+        print(f"wrote {path}", flush=True)
+
+    frames = []
+    for m in models:  # saved after every (model, method, sparsity), so a run cut short keeps what it finished
         mw = int(per_model.get(m, args.max_windows))
+        partial = (lambda df: save(frames + [df], complete=False)) if args.scale == "full" else None
         frames.append(pruning_perplexity([m], sparsities, methods, ctx=args.ctx, max_windows=mw, scale=args.scale,
-                                         kernels=args.kernels, calibration_windows=args.calibration_windows))
+                                         kernels=args.kernels, calibration_windows=args.calibration_windows,
+                                         on_row=partial))
         print(frames[-1].round(3).to_string(index=False), flush=True)
         if args.scale == "full":
-            from .. import results
-
-            done = [f.model.iloc[0] for f in frames]
-            path = results.save(pd.concat(frames, ignore_index=True), "sparamx", args.out, scale="full",
-                                params={"models": done, "sparsities": sparsities, "methods": methods,
-                                        "ctx": args.ctx, "max_windows": args.max_windows,
-                                        "max_windows_per_model": per_model, "kernels": args.kernels,
-                                        "threads": torch.get_num_threads(),
-                                        "eval_text": "packaged English Wikipedia minus the ci calibration slice",
-                                        "calibration": f"Wanda: {args.calibration_windows} windows x 256 tokens "
-                                                       "of the ci slice, norms computed once per model"})
-            print(f"wrote {path}", flush=True)
+            save(frames, complete=m == models[-1])
     return 0
 
 
