@@ -1,10 +1,11 @@
 """Unstructured pruning: magnitude (per layer or per output row) and Wanda.
 
-Thresholds come from ``torch.kthvalue`` (a selection, not a sort). Ties at the threshold are common in the
-packaged models: their weights shipped 4-bit (Q4_1 / Q4_K_M), so a block of 32 weights holds at most 16
-distinct values and many weights share the threshold's magnitude. Zeroing every weight <= the threshold
-would then prune far more than asked; here exactly ``round(sparsity * count)`` are zeroed, the tied ones in
-index order (``_drop_lowest``).
+Thresholds come from ``torch.kthvalue`` (a selection, not a sort). The packaged models' weights shipped 4-bit
+(Q4_1 / Q4_K_M), so a block of 32 weights holds at most 16 distinct values and weights can share the
+threshold's magnitude; zeroing every weight <= the threshold would then prune more than asked. Here exactly
+``round(sparsity * count)`` are zeroed, the tied ones in index order (``_drop_lowest``). How many tie in the
+real models is measured by ``quality.sparsity_reached`` (per-block scales make ties across a layer rare in
+SmolLM2's Q4_1: see data/results/sparamx/pruning_sparsity_reached.csv).
 
 Wanda (Sun et al., 2023) scores weight ``W[i, j]`` by ``|W[i, j]| * ||X_j||_2``, the L2 norm of input
 channel ``j``'s activations over calibration tokens, and prunes the lowest scores of each output row. The
