@@ -71,3 +71,34 @@ def test_live_latency_bound_line():
     assert ax.get_ylabel() == "latency per call (µs)"
     bound = next(l for l in ax.get_lines() if l.get_label() == "bandwidth bound (sparse)")
     np.testing.assert_allclose(bound.get_ydata(), [5, 3])
+
+
+def test_pruning_cost_one_panel_per_model_ratios_and_intervals():
+    rows = []
+    for model, dense in (("a", 10.0), ("b", 20.0)):
+        rows.append(dict(model=model, method="dense", sparsity=0.0, perplexity=dense, ppl_ratio=1.0, ratio_lo=1.0,
+                         ratio_hi=1.0))
+        for method, base in (("magnitude", 3.0), ("wanda", 1.5)):
+            for s in (0.5, 0.7):
+                r = base * (s / 0.5) ** 2
+                rows.append(dict(model=model, method=method, sparsity=s, perplexity=dense * r, ppl_ratio=r,
+                                 ratio_lo=r * 0.9, ratio_hi=r * 1.2))
+    fig = plots.pruning_cost(pd.DataFrame(rows))
+    assert len(fig.axes) == 2 and fig.axes[1].get_title().startswith("b (dense 20.0)")
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "perplexity / dense (x, log)" and ax.get_yscale() == "log"
+    mag = next(c for c in ax.containers if c.get_label() == "magnitude")
+    line, _, (bars,) = mag.lines
+    np.testing.assert_allclose(np.asarray(line.get_xdata(), float), [0, 50, 70])
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float), [1.0, 3.0, 3.0 * 1.96])
+    # the error bar of the 70 % magnitude point spans the paired interval, hand-computed
+    seg = np.asarray(bars.get_segments()[2])
+    np.testing.assert_allclose(seg, [[70, 5.88 * 0.9], [70, 5.88 * 1.2]])
+
+
+def test_pruning_cost_on_the_committed_smollm2_run():
+    ppl = results.load("sparamx", "pruning_perplexity")
+    ax = plots.pruning_cost(ppl).axes[0]
+    line = next(c for c in ax.containers if c.get_label() == "wanda").lines[0]
+    w = ppl[ppl.method.isin(["dense", "wanda"])].sort_values("sparsity")
+    np.testing.assert_allclose(np.asarray(line.get_ydata(), float), w.ppl_ratio)

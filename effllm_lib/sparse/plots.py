@@ -128,3 +128,26 @@ def batch_sweep(sweeps: dict[str, pd.DataFrame]) -> plt.Figure:
     figures.label(axes[1], "tokens per call (batch)", "AVX-512 sparse time / this time (x)", "Against the AVX-512 kernel")
     fig.tight_layout()
     return fig
+
+
+def pruning_cost(ppl: pd.DataFrame) -> plt.Figure:
+    """Per model (one panel each): perplexity pruned / dense against sparsity, magnitude and Wanda, with the
+    paired bootstrap interval of the ratio (both methods scored on the model's same windows); log scale."""
+    models = list(dict.fromkeys(ppl.model))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models), 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        d = ppl[ppl.model == model]
+        for method in ("magnitude", "wanda"):
+            g = pd.concat([d[d.method == "dense"], d[d.method == method]]).sort_values("sparsity")
+            if len(g) < 2:
+                continue
+            ax.errorbar(g.sparsity * 100, g.ppl_ratio, yerr=[g.ppl_ratio - g.ratio_lo, g.ratio_hi - g.ppl_ratio],
+                        fmt="o-", capsize=3, label=method, color=figures.color(method))
+        ax.axhline(1.0, color="gray", ls="--", lw=0.8)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        dense = d[d.method == "dense"].perplexity
+        title = f"{model} (dense {dense.iloc[0]:.1f})" if len(dense) else model
+        figures.label(ax, "sparsity (%)", "perplexity / dense (x, log)", title)
+    fig.tight_layout()
+    return fig

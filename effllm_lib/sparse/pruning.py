@@ -1,10 +1,11 @@
 """Unstructured pruning: magnitude (per layer or per output row) and Wanda.
 
-Thresholds come from ``torch.kthvalue`` (a selection, not a sort). Ties at the threshold are common in the
-packaged models: their weights shipped 4-bit (Q4_1 / Q4_K_M), so a block of 32 weights holds at most 16
-distinct values and many weights share the threshold's magnitude. Zeroing every weight <= the threshold
-would then prune far more than asked; here exactly ``round(sparsity * count)`` are zeroed, the tied ones in
-index order (``_drop_lowest``).
+Thresholds come from ``torch.kthvalue`` (a selection, not a sort). The packaged models' weights shipped 4-bit
+(Q4_1 / Q4_K_M), so a block of 32 weights holds at most 16 distinct values and weights can share the
+threshold's magnitude; zeroing every weight <= the threshold would then prune more than asked. Here exactly
+``round(sparsity * count)`` are zeroed, the tied ones in index order (``_drop_lowest``). How many tie in the
+real models is measured by ``quality.sparsity_reached`` (per-block scales make ties across a layer rare in
+SmolLM2's Q4_1: see data/results/sparamx/pruning_sparsity_reached.csv).
 
 Wanda (Sun et al., 2023) scores weight ``W[i, j]`` by ``|W[i, j]| * ||X_j||_2``, the L2 norm of input
 channel ``j``'s activations over calibration tokens, and prunes the lowest scores of each output row. The
@@ -71,6 +72,7 @@ def prune_wanda(weight: torch.Tensor, input_norm: torch.Tensor, sparsity: float)
 def input_norms(model: nn.Module, names: Iterable[str], batches: Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """``||X_j||_2`` over all calibration tokens for the input of each named ``nn.Linear`` (float64 sums of
     squares, so long calibration runs do not lose the small channels)."""
+    names = list(names)
     modules = dict(model.named_modules())
     sums: dict[str, torch.Tensor] = {}
     hooks = []
@@ -85,10 +87,14 @@ def input_norms(model: nn.Module, names: Iterable[str], batches: Iterable[torch.
         if name not in modules:
             raise ValueError(f"no module named {name!r} in the model")
         hooks.append(modules[name].register_forward_pre_hook(hook(name)))
+    # an HF causal LM whose hooked linears all sit in its decoder runs the decoder alone: the lm_head's logits
+    # (Gemma-3's 262k-token vocabulary: more work than its 18 layers) are not needed for the norms
+    decoder = getattr(model, "model", None) if _takes_input_ids(model) else None
+    run = decoder if decoder is not None and all(n.startswith("model.") for n in names) else model
     try:
         seen = 0
         for ids in batches:
-            model(input_ids=ids) if _takes_input_ids(model) else model(ids)
+            run(input_ids=ids) if _takes_input_ids(model) else model(ids)
             seen += 1
         if not seen:
             raise ValueError("no calibration batches given")

@@ -227,20 +227,25 @@ def _pack(w: torch.Tensor, dtype: str):
     return pack_bf16_fast(w) if dtype == "bf16" else pack_int8(w)
 
 
-def _pruner(model, names, config, tokenizer, calibration) -> Callable[[str], torch.Tensor]:
+def wanda_norms(model, names, config, tokenizer=None, calibration=None) -> dict[str, torch.Tensor]:
+    """Wanda's input-channel activation norms of the linears ``names``, from ``calibration`` (input_ids
+    tensors) or, with ``tokenizer``, from ``config.calibration_windows`` windows of the packaged Wikipedia slice."""
+    if calibration is None:
+        if tokenizer is None:
+            raise ValueError("method='wanda' needs calibration activations: pass tokenizer= (the packaged "
+                             "Wikipedia text is used) or calibration=[input_ids, ...]")
+        bos = _arch(model) == "gemma3_text"  # Gemma needs <bos> at the start of every window
+        calibration = calibration_batches(tokenizer, windows=config.calibration_windows,
+                                          seq_len=config.calibration_len, bos=bos)
+    return input_norms(model, names, calibration)
+
+
+def _pruner(model, names, config, tokenizer, calibration, norms=None) -> Callable[[str], torch.Tensor]:
     """A function name -> pruned weight, pruning when asked (so only packed weights pile up; the model itself
-    is not modified)."""
+    is not modified). ``norms``: Wanda's activation norms computed earlier (``wanda_norms``), reused."""
     modules = dict(model.named_modules())
-    norms = {}
-    if config.method == "wanda":
-        if calibration is None:
-            if tokenizer is None:
-                raise ValueError("method='wanda' needs calibration activations: pass tokenizer= (the packaged "
-                                 "Wikipedia text is used) or calibration=[input_ids, ...]")
-            bos = _arch(model) == "gemma3_text"  # Gemma needs <bos> at the start of every window
-            calibration = calibration_batches(tokenizer, windows=config.calibration_windows,
-                                              seq_len=config.calibration_len, bos=bos)
-        norms = input_norms(model, names, calibration)
+    if config.method == "wanda" and norms is None:
+        norms = wanda_norms(model, names, config, tokenizer, calibration)
 
     def prune(name: str) -> torch.Tensor:
         w = modules[name].weight.detach()
@@ -358,14 +363,20 @@ def sparsify_(model: nn.Module, config: SparsifyConfig = SparsifyConfig(), token
 
 @torch.no_grad()
 def prune_weights_(model: nn.Module, config: SparsifyConfig = SparsifyConfig(), tokenizer=None,
-                   calibration: list[torch.Tensor] | None = None) -> nn.Module:
+                   calibration: list[torch.Tensor] | None = None,
+                   norms: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """The pruning of ``sparsify_`` (same layers, same method and scores) written into the model's own float
     weights as zeros, nothing packed: the model computes what the sparse model computes, in its own dtype.
     For measuring quality where the bf16 kernels would be slow (a CPU without AVX512_BF16 multiplies bf16
-    about ten times slower than float32) and to separate the cost of pruning from that of bf16 weights."""
+    about ten times slower than float32) and to separate the cost of pruning from that of bf16 weights.
+    ``norms``: Wanda's norms from ``wanda_norms`` on the same (dense) weights, to prune several sparsities
+    from one calibration pass."""
     _check_config(config)
     names = hf_targets(model) if _arch(model) is not None else _generic_targets(model, None)
-    prune = _pruner(model, names, config, tokenizer, calibration)
+    if norms is not None and set(norms) != set(names):
+        raise ValueError(f"norms must cover exactly the pruned linears; missing {sorted(set(names) - set(norms))[:3]}, "
+                         f"extra {sorted(set(norms) - set(names))[:3]}")
+    prune = _pruner(model, names, config, tokenizer, calibration, norms)
     pruned = {n: prune(n) for n in names}  # all scores from the unpruned model (Wanda's norms come first)
     for n, w in pruned.items():
         model.get_submodule(n).weight.copy_(w)
