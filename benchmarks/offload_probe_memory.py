@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from effllm_lib import results  # noqa: E402
 from effllm_lib.offload.controller import Controller, ModelStats, Session  # noqa: E402
-from effllm_lib.offload.prefix_probe import cache_length, crop_  # noqa: E402
+from effllm_lib.offload.prefix_probe import IdTokenizer, cache_length, crop_  # noqa: E402
 
 # Published shapes (config.json of HuggingFaceTB/SmolLM2-135M-Instruct and Qwen/Qwen2.5-1.5B-Instruct); "tiny" for CI.
 ARCHS = {
@@ -66,19 +66,6 @@ def build_model(arch: str, dtype: torch.dtype, device: str, max_context: int):
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     return model.eval()
-
-
-class IdTokenizer:
-    """Text = space-separated ids: the probe's rows are built from ids, so no real tokenizer is needed."""
-
-    eos_token_id = None
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, ids, **kw):
-        return " ".join(map(str, ids))
 
 
 def random_cache(model, context: int, device: str, dtype: torch.dtype):

@@ -63,11 +63,9 @@ def log(msg: str) -> None:
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+    from effllm_lib.assets import sha256_file
+
+    return sha256_file(path)
 
 
 # ------------------------------------------------------------------------------------------------ split (here)

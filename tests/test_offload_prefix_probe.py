@@ -120,17 +120,7 @@ def test_shared_probe_does_not_copy_the_history_per_row():
     assert largest["shared"] < 2 * 4 * 1500 * 8 * 2  # no more than a few history-sized tensors (GQA repeat)
 
 
-class _Tok:
-    """Just enough tokenizer for a Session over raw ids."""
-
-    eos_token_id = None
-    chat_template = None
-
-    def __call__(self, text, add_special_tokens=False):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, ids, **kw):
-        return " ".join(map(str, ids))
+from effllm_lib.offload.prefix_probe import IdTokenizer as _Tok  # noqa: E402
 
 
 def test_rollback_crops_in_place():

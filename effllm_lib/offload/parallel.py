@@ -33,7 +33,6 @@ byte tokenizer, for tests and dry runs).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -167,11 +166,9 @@ class TinyByteTokenizer:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
+    from ..assets import sha256_file
+
+    return sha256_file(path)
 
 
 def check_model_spec(spec: str, role: str) -> dict:

@@ -189,3 +189,17 @@ def probe_prefixes(model, cache, rows: list[list[int]], next_logits: torch.Tenso
             logits = out.logits[0].float()
         crop_(cache, cache_length(cache) - past)
     return PrefixProbe(probes, first_logits, tree, tree_kv, forwards, fed)
+
+
+class IdTokenizer:
+    """Text = space-separated token ids: enough tokenizer for a ``Session`` over raw ids (probe benchmarks and
+    tests build their rows from ids, so no real vocabulary is needed)."""
+
+    eos_token_id = None
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def decode(self, ids, **kw):
+        return " ".join(map(str, ids))

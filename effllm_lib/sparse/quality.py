@@ -31,6 +31,15 @@ from ..stats import bootstrap_ci
 METHODS = ("magnitude", "wanda")
 
 
+def _check_sparsities_methods(sparsities, methods) -> None:
+    for s in sparsities:
+        if not 0.0 <= s < 1.0:
+            raise ValueError(f"sparsities must be in [0, 1), got {s}")
+    for m in methods:
+        if m not in METHODS:
+            raise ValueError(f"unknown method {m!r}; expected one of {METHODS}")
+
+
 def _ppl(nll, tok):
     return math.exp(float(np.sum(nll)) / float(np.sum(tok)))
 
@@ -71,12 +80,7 @@ def pruning_perplexity(models: list[str], sparsities=(0.0, 0.5, 0.7), methods=ME
     from .. import eval as E
     from .sparsify import SparsifyConfig, _arch, _generic_targets, hf_targets, prune_weights_, sparsify_, wanda_norms
 
-    for s in sparsities:
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsities must be in [0, 1), got {s}")
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; expected one of {METHODS}")
+    _check_sparsities_methods(sparsities, methods)
     text = eval_text(scale)
     rows = []
     for name in models:
@@ -154,12 +158,7 @@ def sparsity_reached(model, sparsities=(0.0, 0.5, 0.7), methods=METHODS, tokeniz
     from .pruning import prune_magnitude, prune_wanda
     from .sparsify import SparsifyConfig, _arch, _generic_targets, hf_targets, wanda_norms
 
-    for s in sparsities:
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"sparsities must be in [0, 1), got {s}")
-    for m in methods:
-        if m not in METHODS:
-            raise ValueError(f"unknown method {m!r}; expected one of {METHODS}")
+    _check_sparsities_methods(sparsities, methods)
     if not isinstance(layer_stride, int) or layer_stride < 1:
         raise ValueError(f"layer_stride must be a positive int, got {layer_stride!r}")
     names = hf_targets(model) if _arch(model) is not None else _generic_targets(model, None)
