@@ -203,6 +203,14 @@ def sparse_kv_attention(q: torch.Tensor, packed: PackedKV, k_tail: torch.Tensor 
 
 
 # ------------------------------------------------------------------------------ transformers integration
+def _mask_sizes(layer, args, kwargs) -> tuple[int, int]:
+    """(key length, offset) of the attention mask for a layer that holds ``layer.get_seq_length()`` tokens."""
+    query_length = args[0] if args else kwargs.get("query_length", kwargs.get("cache_position"))
+    if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
+        query_length = query_length.shape[0]
+    return layer.get_seq_length() + int(query_length), 0
+
+
 def _dynamic_layer():
     from transformers.cache_utils import DynamicLayer
 
@@ -247,10 +255,7 @@ class SparseKVLayer(_dynamic_layer()):
         return self.packed.seq_len + self.keys.shape[-2]
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        query_length = args[0] if args else kwargs.get("query_length", kwargs.get("cache_position"))
-        if isinstance(query_length, torch.Tensor):  # older transformers pass cache_position
-            query_length = query_length.shape[0]
-        return self.get_seq_length() + int(query_length), 0
+        return _mask_sizes(self, args, kwargs)
 
     def reset(self) -> None:
         super().reset()
@@ -307,10 +312,7 @@ class PreallocatedKVLayer(_dynamic_layer()):
         return self.length
 
     def get_mask_sizes(self, *args, **kwargs) -> tuple[int, int]:
-        query_length = args[0] if args else kwargs.get("query_length", kwargs.get("cache_position"))
-        if isinstance(query_length, torch.Tensor):
-            query_length = query_length.shape[0]
-        return self.length + int(query_length), 0
+        return _mask_sizes(self, args, kwargs)
 
     def reset(self) -> None:
         super().reset()
