@@ -26,6 +26,10 @@ of it reached. ``agree_with_bf16``: the fraction of decode steps fed the same to
 On the real model, a check that the static decoder's logits after the prompt match transformers' own forward
 of the same (quantized) model, which on a GPU runs the multi-token Triton path: ``logits_rel_err_vs_hf``.
 
+``--profile N``: afterwards N eager steps per implementation under torch.profiler, kernel time per step by class
+(``e2e.step_profile``), written to e2e_profile_{gpu,cpu}[_model]<tag>: the sum of kernel time against the measured
+step says what the step spends outside the projections' kernels.
+
 Writes data/results/bitmod/e2e_{gpu,cpu}<tag>.csv, or e2e_{gpu,cpu}_{smollm2,llama8b}<tag>.csv when --models
 names one model (scale full; --scale ci: data/results/bitmod/ci/).
 """
@@ -191,10 +195,23 @@ def run_model(name, args, device, bw) -> tuple[list[dict], dict]:
         log(f"{name} {impl}: {s['tokens_per_s']:.1f} tok/s ({s['ms_per_token']:.3f} ms, p10 {s['p10_ms']:.3f}, "
             f"p90 {s['p90_ms']:.3f}), {rows[-1]['speedup_vs_bf16']:.2f}x bf16, {rows[-1]['frac_of_ceiling']:.0%} "
             f"of the {ceiling:.0f} tok/s ceiling")
+    profile = []
+    if args.profile:   # after the timing, so the profiler cannot perturb it
+        for impl in impls:
+            prof = e2e.step_profile(decs[impl], prompt, steps=args.profile)
+            step_ms = e2e.spread(times[impl])["ms_per_token"]
+            prof.insert(0, "impl", impl)
+            prof.insert(0, "model", name)
+            prof["step_ms_measured"] = step_ms
+            prof["kernel_ms_per_step"] = prof.us_per_step.sum() / 1e3
+            profile.append(prof)
+            log(f"{name} {impl}: kernels {prof.us_per_step.sum() / 1e3:.3f} ms of the {step_ms:.3f} ms step; "
+                + ", ".join(f"{r.kernel_class} {r.us_per_step / 1e3:.3f} ms ({r.kernels_per_step:.0f} kernels)"
+                            for r in prof.itertuples()))
     del decs, steppers, vs
     if device == "cuda":
         torch.cuda.empty_cache()
-    return rows, {f"{name}_{k}": v for k, v in notes.items()}
+    return rows, {f"{name}_{k}": v for k, v in notes.items()}, profile
 
 
 def main(argv=None) -> int:
@@ -210,6 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=None, help="decoder layers kept (default: all; ci: 2)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (default: all cores)")
     ap.add_argument("--tag", default="", help="appended to the results name (e.g. _h200)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="also profile STEPS eager decode steps per implementation (e2e.step_profile: kernel time "
+                         "by class: projections, attention, the elementwise glue) and write e2e_profile_*")
     args = ap.parse_args(argv)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -230,11 +250,14 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     bw, bw_method = read_bandwidth(device, full)
     log(f"{device}: read bandwidth {bw / 1e9:.1f} GB/s ({bw_method}); {torch.get_num_threads()} threads")
-    rows, notes = [], {}
+    if args.profile < 0:
+        ap.error("--profile takes a number of steps >= 0")
+    rows, notes, profile = [], {}, []
     for name in names:
-        r, n = run_model(name, args, device, bw)
+        r, n, p = run_model(name, args, device, bw)
         rows += r
         notes.update(n)
+        profile += p
     params = {"device": device, "prompt": args.prompt, "steps": args.steps, "rounds": args.rounds,
               "bits": args.bits, "group_size": 128, "layers": args.layers or "all", "read_gbs": round(bw / 1e9, 2),
               "bandwidth_method": bw_method, "threads": torch.get_num_threads(),
@@ -251,6 +274,13 @@ def main(argv=None) -> int:
     path = results.save(pd.DataFrame(rows), "bitmod", f"{stem}{args.tag}", params=params, scale=args.scale,
                         extra={"load_average": os.getloadavg()})
     log(f"saved {path}")
+    if profile:
+        path = results.save(pd.concat(profile, ignore_index=True), "bitmod", stem.replace("e2e_", "e2e_profile_", 1)
+                            + args.tag, params={**params, "profile_steps": args.profile,
+                                                "profile": "torch.profiler over eager steps; GPU: CUDA kernel "
+                                                           "time, CPU: aten ops' self time"},
+                            scale=args.scale, extra={"load_average": os.getloadavg()})
+        log(f"saved {path}")
     return 0
 
 

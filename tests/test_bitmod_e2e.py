@@ -138,3 +138,28 @@ def test_bad_inputs():
         e2e.int4_quantize(torch.randn(4, 100), 64)
     with pytest.raises(ValueError, match="divisible by 16"):
         e2e.Int4Linear.from_linear(torch.nn.Linear(64, 40))
+
+
+@pytest.mark.parametrize("name,cls", [
+    ("_bitmod_gemv_kernel", "bitmod_triton"), ("void at::native::tinygemm_m16n8k16_chunk_kernel", "int4_tinygemm"),
+    ("aten::_weight_int4pack_mm_for_cpu", "int4_tinygemm"), ("pytorch_flash::flash_fwd_kernel", "attention"),
+    ("fmha_cutlassF_bf16_aligned", "attention"), ("sm90_xmma_gemm_bf16bf16_bf16f32", "matmul"),
+    ("void gemv2T_kernel_val<int, int, __nv_bfloat16>", "matmul"), ("aten::mm", "matmul"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<float>>", "other"),
+    ("aten::rsqrt", "other"), ("aten::argmax", "other")])
+def test_kernel_class_by_name(name, cls):
+    assert e2e.kernel_class(name) == cls
+
+
+def test_step_profile_counts_the_matmuls_of_a_step():
+    # CPU: aten ops' self time. A 2-layer model runs 7 projections per layer plus lm_head per step; each shows
+    # up as one matmul-class op at least (linear -> addmm/mm), and the classes' shares add up to one.
+    model = tiny()
+    dec = e2e.StaticDecoder(model, max_len=32)
+    prof = e2e.step_profile(dec, [1, 2, 3, 4], steps=3)
+    by = prof.set_index("kernel_class")
+    assert by.loc["matmul", "kernels_per_step"] >= 2 * 7 + 1
+    assert {"other", "attention", "outside_aten"} <= set(by.index)
+    assert abs(prof.share.sum() - 1) < 1e-9 and (prof.us_per_step >= 0).all() and by.loc["matmul", "us_per_step"] > 0
+    with pytest.raises(ValueError, match="steps"):
+        e2e.step_profile(dec, [1, 2], steps=0)

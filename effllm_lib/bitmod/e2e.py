@@ -339,6 +339,74 @@ def decode_times(dec: StaticDecoder, prompt: list[int], steps: int, step_fn: "Gr
     return times, fed
 
 
+# ------------------------------------------------------------------------------------------ where time goes
+KERNEL_CLASSES = (   # (class, substrings of the kernel / op name), first match wins; lower-case
+    ("bitmod_triton", ("bitmod",)),
+    ("int4_tinygemm", ("tinygemm", "int4pack", "_weight_int4")),
+    ("attention", ("flash", "fmha", "attention", "sdpa", "efficient_attention", "cudnn_sdp")),
+    ("matmul", ("gemv", "gemm", "cutlass", "cublas", "nvjet", "sm90_xmma", "aten::mm", "aten::addmm",
+                "aten::linear", "aten::matmul", "aten::bmm")),
+)
+
+
+def kernel_class(name: str) -> str:
+    """The class of a GPU kernel (or, on CPU, an aten op) by its name: bitmod_triton, int4_tinygemm,
+    attention, matmul, or other (norms, rotary, activation, copies, argmax: the elementwise glue)."""
+    n = name.lower()
+    for cls, keys in KERNEL_CLASSES:
+        if any(k in n for k in keys):
+            return cls
+    return "other"
+
+
+@torch.no_grad()
+def step_profile(dec: "StaticDecoder", prompt: list[int], steps: int = 8) -> "pd.DataFrame":
+    """Where a decode step's time goes: ``steps`` eager steps after the prompt under torch.profiler, device
+    time per step by ``kernel_class`` (GPU: CUDA kernels; CPU: self time of aten ops, plus ``outside_aten``: the
+    profiled wall time they leave, i.e. the CPU BitMoD kernel, which is no aten op, and Python; profiler overhead
+    included, so CPU rows are shares, not timings), with the number of kernels per step. A CUDA graph replays the same kernels back to back, so kernel time per step is what a
+    replay costs without launch gaps: the sum over classes against the measured step time says how much is
+    kernels and how much is gaps, and the ``other`` row prices the unfused glue between projections."""
+    import pandas as pd
+    from torch.profiler import ProfilerActivity, profile
+
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    cuda = dec.positions.is_cuda
+    tok, pos, _ = prefill(dec, prompt)
+    dec.advance(tok, pos)  # warm: autotuning and lazy allocations outside the trace
+    if cuda:
+        torch.cuda.synchronize()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            dec.advance(tok, pos)
+        if cuda:
+            torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    rows = {}
+    for ev in prof.events():
+        on_device = getattr(ev, "device_type", None) == torch.autograd.DeviceType.CUDA
+        if cuda and not on_device:
+            continue
+        if not cuda and (not ev.name.startswith("aten::") or on_device):
+            continue
+        us = ev.time_range.elapsed_us() if cuda else ev.self_cpu_time_total
+        cls = kernel_class(ev.name)
+        r = rows.setdefault(cls, {"kernel_class": cls, "us_per_step": 0.0, "kernels_per_step": 0.0})
+        r["us_per_step"] += us / steps
+        r["kernels_per_step"] += 1 / steps
+    if not cuda:   # the CPU BitMoD kernel and Python are no aten ops: the wall time they leave
+        rest = wall_us / steps - sum(r["us_per_step"] for r in rows.values())
+        rows["outside_aten"] = {"kernel_class": "outside_aten", "us_per_step": max(rest, 0.0),
+                                "kernels_per_step": float("nan")}
+    df = pd.DataFrame(list(rows.values()), columns=["kernel_class", "us_per_step", "kernels_per_step"])
+    total = df.us_per_step.sum()
+    df["share"] = df.us_per_step / total if total > 0 else float("nan")
+    return df.sort_values("us_per_step", ascending=False, ignore_index=True)
+
+
 def spread(times: list[float]) -> dict:
     s = sorted(times)
     med = statistics.median(s)
