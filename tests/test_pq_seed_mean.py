@@ -5,6 +5,7 @@ import math
 import pandas as pd
 import pytest
 
+from effllm_lib.pq import sweeps
 from effllm_lib.pq.sweeps import seed_mean
 
 
@@ -26,3 +27,13 @@ def test_seed_mean_by_hand():
     one = seed_mean(df[df.seed == 0])
     assert len(one) == 3 and (one.n_seeds == 1).all()
     assert one.accuracy.tolist() == pytest.approx([90.0, 80.0, 70.0])
+
+
+def test_sweep_source_finds_single_and_per_seed_tables():
+    df = pd.DataFrame({"network": ["kws"]})
+    df.attrs["sources"] = {"accuracy_sweep_emnist": {"commit": "a"}, "accuracy_sweep_kws_seed10": {"commit": "c"},
+                           "accuracy_sweep_kws_seed2": {"commit": "b"}, "accuracy_sweep_kws_extra": {"commit": "x"}}
+    assert sweeps.sweep_source(df, "emnist") == {"commit": "a"}
+    assert sweeps.sweep_source(df, "kws") == {"commit": "b"}       # the lowest seed, numerically (2 < 10)
+    with pytest.raises(KeyError, match="resnet20"):
+        sweeps.sweep_source(df, "resnet20")

@@ -353,6 +353,18 @@ def load_committed() -> pd.DataFrame:
     return df
 
 
+def sweep_source(df: pd.DataFrame, network: str) -> dict:
+    """Provenance of the committed table ``network``'s rows come from (``load_committed``'s ``attrs["sources"]``):
+    its single ``accuracy_sweep_<network>`` table, or the lowest seed's ``accuracy_sweep_<network>_seed<k>``
+    (every seed file of a network is run with the same scale parameters)."""
+    src = df.attrs.get("sources", {})
+    names = [n for n in src if n == f"accuracy_sweep_{network}" or n.startswith(f"accuracy_sweep_{network}_seed")]
+    if not names:
+        raise KeyError(f"no committed accuracy_sweep table for network {network!r} (have: {sorted(src)})")
+    return src[min(names, key=lambda n: (n != f"accuracy_sweep_{network}", int(n.rsplit("_seed", 1)[-1])
+                                         if "_seed" in n else -1))]
+
+
 CONFIG_COLUMNS = ["network", "experiment", "n_prototypes", "subvec_len", "mode", "tau", "proto_bits", "lut_bits"]
 
 
@@ -456,20 +468,28 @@ def claims(df: pd.DataFrame) -> pd.DataFrame:
         out.append(_claim(f"lowbit_drop_{name}", per_seed,
                           f"{int(q.proto_bits)}-bit prototypes / {int(q.lut_bits)}-bit LUT, {recipe}, rounded tables "
                           f"fine-tuned in the loop, float-table minus low-bit held-out accuracy"))
+    rhos, inputs = mse_trends(df)
+    for claim, col in (("error_falls_with_np", "n_prototypes"), ("error_rises_with_ls", "subvec_len")):
+        each = ", ".join(f"{n} {r:+.2f}" for n, r in rhos[col].items())
+        out.append({"claim_id": claim, "ours": float(np.nanmean(list(rhos[col].values()))) if rhos[col] else None,
+                    "status": "measured",
+                    "reason": f"mean Spearman rho over {len(rhos[col])} network(s) ({each}), k-means tables; each "
+                              f"layer's absolute output MSE on {inputs}"})
+    return pd.DataFrame(out)
+
+
+def mse_trends(df: pd.DataFrame) -> tuple[dict, str]:
+    """Spearman rho of each PQ layer's output MSE against N_p and against L_s, per network, over the k-means grid
+    rows (all seeds pooled): ({"n_prototypes": {network: rho}, "subvec_len": {...}}, what the layers' inputs
+    were). Each layer's own error (its inputs from the float network, what the paper plots) where the tables have
+    it, else the error on the already-quantized prefix's activations."""
     grid = df[(df.experiment == "grid") & (df["mode"] == "kmeans") & df.layer_mse.notna()]
-    # the float network's inputs (each layer's own error, what the paper plots) where the table has them
     mse_col = "layer_mse_float" if "layer_mse_float" in grid and grid.layer_mse_float.notna().all() else "layer_mse"
     inputs = ("the float network's activations" if mse_col == "layer_mse_float"
               else "the activations of the already-quantized prefix")
-    for claim, col in (("error_falls_with_np", "n_prototypes"), ("error_rises_with_ls", "subvec_len")):
-        rhos = {n: g[col].rank().corr(g[mse_col].rank()) for n, g in grid.groupby("network")
-                if g[col].nunique() > 1}
-        each = ", ".join(f"{n} {r:+.2f}" for n, r in rhos.items())
-        out.append({"claim_id": claim, "ours": float(np.nanmean(list(rhos.values()))) if rhos else None,
-                    "status": "measured",
-                    "reason": f"mean Spearman rho over {len(rhos)} network(s) ({each}), k-means tables; each layer's "
-                              f"absolute output MSE on {inputs}"})
-    return pd.DataFrame(out)
+    rhos = {col: {n: float(g[col].rank().corr(g[mse_col].rank())) for n, g in grid.groupby("network")
+                  if g[col].nunique() > 1} for col in ("n_prototypes", "subvec_len")}
+    return rhos, inputs
 
 
 CARRY_FILES = {"cifar": "cifar10_test.npz", "fashion": "fashion-mnist"}
