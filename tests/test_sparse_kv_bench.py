@@ -97,7 +97,8 @@ def _frame(speedup, lo, hi, ceiling):
 
 def test_kv_speedup_claim_gate():
     row, _ = kv_speedup_claim(_frame(1.04, 1.01, 1.07, 1.058))  # within its bytes: a claim row, longest context
-    assert row["claim_id"] == "kv_sparsity_speedup" and (row["ours"], row["ours_lo"], row["ours_hi"]) == (1.04, 1.01, 1.07)
+    assert row["claim_id"] == "kv_sparsity_speedup"
+    assert (row["ours"], row["ours_lo"], row["ours_hi"]) == (1.04, 1.01, 1.07)
     assert "16384" in row["reason"] and "dense_kv_ownkernel_avx512" in row["reason"]
     row, _ = kv_speedup_claim(_frame(1.10, 1.058, 1.12, 1.058))  # the lower end touches the ceiling: allowed
     assert row is not None

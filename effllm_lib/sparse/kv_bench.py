@@ -6,45 +6,44 @@
 Attention only (``attention_latency``): one decode token (batch 1) attending over one layer's cache of the
 Llama-3-8B shape (32 query heads, 8 KV heads, head dim 128, bf16), dense by torch (``sdpa``:
 ``F.scaled_dot_product_attention`` with grouped KV heads; ``eager``: repeat, matmul, softmax, matmul, as
-transformers' eager attention) and our kernel on the same unpruned cache in its dense layout (``dense_<kernel>``: every value in the kernel's tile
-order, no bitmaps; the same loops with a plain load where the sparse path expand-loads), and sparse by the op
-(``sparse_<kernel>_s<sparsity>``, K and V pruned to ``sparsity``; at 0 the bitmap format of the unpruned cache,
-6 % more bytes than dense). Each
-candidate cycles through enough layers' caches to exceed the last-level cache three times over, so every call
-reads its cache from DRAM as a real decode step (all layers once) does; candidates run interleaved, median of
-the calls with p10/p90. Each row has the bytes the call must read (dense: K + V bf16; sparse: bitmaps + 2 bytes
-per nonzero + strip offsets of K and V^T) and the time those bytes take at the machine's best read rate
-(``bench.measure_read_bandwidth``, raised to the fastest bytes/time any candidate reached in the run, so no row
-beats its bound): ``of_bound`` = bound time / measured time. ``speedup`` is over the fastest candidate (by median) of the
-same context that keeps every entry (sdpa, eager, ``dense_<kernel>``, ``sparse_<kernel>_s0``; named in
-``baseline``), the median over the ``repeats`` passes of the per-pass paired ratio (baseline's median call over the
-candidate's, both timed interleaved in the same pass):
-torch's SDPA reaches only about a quarter of the read bound on a CPU, so a ratio over it would measure our
-kernel's quality as much as the sparsity. ``speedup_vs_sdpa`` keeps the ratio over SDPA. ``speedup_lo`` /
-``speedup_hi``: the median-of-pass ratios' order-statistic interval over the ``repeats`` passes (see
-``median_interval``; its coverage in ``speedup_ci_level``). The caches hold random values with a random unstructured mask of the given fraction: the time
-depends on how many nonzeros there are and how they spread over the strips, not on which entries magnitude
-pruning picks (the quality cost of magnitude pruning is measured on a real model in ``quality``).
+transformers' eager attention) and our kernel on the same unpruned cache in its dense layout (``dense_<kernel>``:
+every value in the kernel's tile order, no bitmaps; the same loops with a plain load where the sparse path
+expand-loads), and sparse by the op (``sparse_<kernel>_s<sparsity>``, K and V pruned to ``sparsity``; at 0 the
+bitmap format of the unpruned cache, 6 % more bytes than dense). Each candidate cycles through enough layers' caches
+to exceed the last-level cache three times over, so every call reads its cache from DRAM as a real decode step (all
+layers once) does; candidates run interleaved, median of the calls with p10/p90. Each row has the bytes the call
+must read (dense: K + V bf16; sparse: bitmaps + 2 bytes per nonzero + strip offsets of K and V^T) and the time those
+bytes take at the machine's best read rate (``bench.measure_read_bandwidth``, raised to the fastest bytes/time any
+candidate reached in the run, so no row beats its bound): ``of_bound`` = bound time / measured time. ``speedup`` is
+over the fastest candidate (by median) of the same context that keeps every entry (sdpa, eager, ``dense_<kernel>``,
+``sparse_<kernel>_s0``; named in ``baseline``), the median over the ``repeats`` passes of the per-pass paired ratio
+(baseline's median call over the candidate's, both timed interleaved in the same pass): torch's SDPA reaches only
+about a quarter of the read bound on a CPU, so a ratio over it would measure our kernel's quality as much as the
+sparsity. ``speedup_vs_sdpa`` keeps the ratio over SDPA. ``speedup_lo`` / ``speedup_hi``: the median-of-pass ratios'
+order-statistic interval over the ``repeats`` passes (see ``median_interval``; its coverage in
+``speedup_ci_level``). The caches hold random values with a random unstructured mask of the given fraction: the time
+depends on how many nonzeros there are and how they spread over the strips, not on which entries magnitude pruning
+picks (the quality cost of magnitude pruning is measured on a real model in ``quality``).
 
 End to end (``decode_latency_kv``): a random-weight bf16 model of an exact shape (``decode_bench.random_model``;
-speed does not depend on the values) decodes batch 1 with its cache filled to ``context`` tokens of random K/V
-(what a prefill leaves; the prefill itself is not timed), with transformers' stock ``DynamicCache`` and SDPA (``dense_kv``), with
-``PreallocatedKVCache`` (``dense_kv_prealloc``: no per-step concatenation, grouped-query SDPA without
-``repeat_kv``), with ``SparseKVCache`` at sparsity 0 in the dense layout (``dense_kv_ownkernel_<kernel>``: our
-kernel on the unpruned cache, no bitmaps, the same tail and call path as the sparse cache) and with
+speed does not depend on the values) decodes batch 1 with its cache filled to ``context`` tokens of random K/V (what
+a prefill leaves; the prefill itself is not timed), with transformers' stock ``DynamicCache`` and SDPA
+(``dense_kv``), with ``PreallocatedKVCache`` (``dense_kv_prealloc``: no per-step concatenation, grouped-query SDPA
+without ``repeat_kv``), with ``SparseKVCache`` at sparsity 0 in the dense layout (``dense_kv_ownkernel_<kernel>``:
+our kernel on the unpruned cache, no bitmaps, the same tail and call path as the sparse cache) and with
 ``SparseKVCache`` (``sparse_kv_<kernel>``: the prompt part pruned by magnitude at ``sparsity``, packed, decoded by
 the op). All caches hold the same K/V (generated once per layer). Candidates run in ``rounds`` short rounds
-(``warmup`` + ``steps`` tokens each), the order rotated every round. ``speedup`` is over the fastest dense
-candidate (by its median over all rounds; named in ``baseline``), so kernel quality cancels out and what is left
-is the sparsity: the median over rounds of the per-round paired ratio (below); ``speedup_vs_sdpa`` is over the
-faster SDPA cache (the earlier baseline), ``speedup_vs_dynamic_cache`` over the stock one (ratios of medians). ``speedup_lo`` / ``speedup_hi``: per round, the baseline's
-median step over the candidate's (a paired ratio: both ran within seconds of each other), and the
-distribution-free interval for the median of those round ratios from their order statistics
-(``median_interval``: the narrowest symmetric pair with coverage >= 95 %, min/max when there are too few rounds
-for that; the coverage is in ``speedup_ci_level``). Bootstrapping a median over 8-10 rounds under-covers; the
-order-statistic interval needs no assumption beyond independent rounds. The ceiling is the bytes per token
-(weights + KV cache) dense over the candidate's: what the KV compression alone can buy when a step is bound by
-streaming bytes.
+(``warmup`` + ``steps`` tokens each), the order rotated every round. ``speedup`` is over the fastest dense candidate
+(by its median over all rounds; named in ``baseline``), so kernel quality cancels out and what is left is the
+sparsity: the median over rounds of the per-round paired ratio (below); ``speedup_vs_sdpa`` is over the faster SDPA
+cache (the earlier baseline), ``speedup_vs_dynamic_cache`` over the stock one (ratios of medians). ``speedup_lo`` /
+``speedup_hi``: per round, the baseline's median step over the candidate's (a paired ratio: both ran within seconds
+of each other), and the distribution-free interval for the median of those round ratios from their order statistics
+(``median_interval``: the narrowest symmetric pair with coverage >= 95 %, min/max when there are too few rounds for
+that; the coverage is in ``speedup_ci_level``). Bootstrapping a median over 8-10 rounds under-covers; the
+order-statistic interval needs no assumption beyond independent rounds. The ceiling is the bytes per token (weights
++ KV cache) dense over the candidate's: what the KV compression alone can buy when a step is bound by streaming
+bytes.
 """
 
 from __future__ import annotations
