@@ -31,13 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from ._build import load_extension
-from .format import SparseBF16Weight, pack_bf16_fast, unpack_bf16, validate_packed
+from .format import SparseBF16Weight, _from_tiles, pack_bf16_fast, pack_dense_bf16_vnni, unpack_bf16, validate_packed
 from .ops import sparse_ops
 from .pruning import _drop_lowest
 
 ATTN_NAME = "effllm_sparse_kv"
 KV_KERNELS = ("portable", "avx2", "avx512")  # slowest first
 KV_KERNEL_CODES = {"portable": 0, "avx512": 1, "avx2": 3}
+KV_LAYOUTS = ("bitmap", "dense")
 
 
 # ---------------------------------------------------------------------------------------------- kernels
@@ -64,11 +65,13 @@ def resolve_kv_kernel(kernel: str = "auto") -> str:
 @dataclass(frozen=True)
 class SparseKVConfig:
     """sparsity: fraction of K (and of V, unless ``value_sparsity`` is given) zeroed at prefill, per layer;
-    kernel: "auto" or one of ``KV_KERNELS``."""
+    kernel: "auto" or one of ``KV_KERNELS``; layout: "bitmap" (the compressed format) or "dense" (every value in
+    the kernel's tile order, no bitmaps: the same kernel on an unpruned cache, the dense baseline; sparsity 0)."""
 
     sparsity: float = 0.5
     value_sparsity: float | None = None
     kernel: str = "auto"
+    layout: str = "bitmap"
 
     def __post_init__(self):
         for name in ("sparsity", "value_sparsity"):
@@ -79,6 +82,11 @@ class SparseKVConfig:
                 raise ValueError(f"{name} must be in [0, 1) (the fraction of the cache zeroed), got {s!r}")
         if self.kernel != "auto" and self.kernel not in KV_KERNELS:
             raise ValueError(f"unknown KV kernel {self.kernel!r}; expected 'auto' or one of {KV_KERNELS}")
+        if self.layout not in KV_LAYOUTS:
+            raise ValueError(f"unknown KV layout {self.layout!r}; expected one of {KV_LAYOUTS}")
+        if self.layout == "dense" and (self.sparsity or self.v_sparsity):
+            raise ValueError(f"the dense layout keeps every entry: sparsity must be 0, got {self.sparsity} "
+                             f"(values {self.v_sparsity})")
 
     @property
     def v_sparsity(self) -> float:
@@ -101,7 +109,9 @@ def prune_kv(t: torch.Tensor, sparsity: float) -> torch.Tensor:
 @dataclass
 class PackedKV:
     """One layer's pruned K and V in the compressed bf16 format: K as [kv_heads * Sp, D] (each head's S
-    positions padded to Sp = round_up(S, 16) with zero rows), V^T as [kv_heads * D, S]."""
+    positions padded to Sp = round_up(S, 16) with zero rows), V^T as [kv_heads * D, S]. Layout "dense": the
+    same matrices with every value in tile order ([strips, k_tiles, 16, 32] flattened) and empty bitmaps and
+    offsets."""
 
     k_bitmaps: torch.Tensor
     k_values: torch.Tensor
@@ -112,10 +122,15 @@ class PackedKV:
     kv_heads: int
     seq_len: int
     head_dim: int
+    layout: str = "bitmap"
 
     @property
     def padded_len(self) -> int:
         return -(-self.seq_len // 16) * 16
+
+    def _dense(self, values: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        kt = -(-cols // 32)
+        return _from_tiles(values.view(rows // 16, kt, 16, 32), 2)[:, :cols]
 
     def k_weight(self) -> SparseBF16Weight:
         return SparseBF16Weight(self.k_bitmaps, self.k_values, self.k_offsets, self.kv_heads * self.padded_len,
@@ -127,26 +142,39 @@ class PackedKV:
 
     def keys(self) -> torch.Tensor:
         """The pruned K back as dense bf16 [kv_heads, S, D] (exact)."""
-        k = unpack_bf16(self.k_weight()).view(self.kv_heads, self.padded_len, self.head_dim)
+        rows = self.kv_heads * self.padded_len
+        k = (self._dense(self.k_values, rows, self.head_dim) if self.layout == "dense"
+             else unpack_bf16(self.k_weight())).reshape(self.kv_heads, self.padded_len, self.head_dim)
         return k[:, : self.seq_len].contiguous()
 
     def values(self) -> torch.Tensor:
         """The pruned V back as dense bf16 [kv_heads, S, D] (exact)."""
-        vt = unpack_bf16(self.v_weight()).view(self.kv_heads, self.head_dim, self.seq_len)
+        rows = self.kv_heads * self.head_dim
+        vt = (self._dense(self.v_values, rows, self.seq_len) if self.layout == "dense"
+              else unpack_bf16(self.v_weight())).reshape(self.kv_heads, self.head_dim, self.seq_len)
         return vt.transpose(1, 2).contiguous()
 
     def nbytes(self) -> int:
-        """Bytes a decode step reads for the pruned part: bitmaps, nonzeros and strip offsets of K and V."""
+        """Bytes a decode step reads for the pruned part: bitmaps, nonzeros and strip offsets of K and V (dense
+        layout: every value, including the zero padding of the tiles)."""
+        if self.layout == "dense":
+            return (self.k_values.numel() + self.v_values.numel()) * 2
         return self.k_weight().nbytes() + self.v_weight().nbytes()
 
     @property
     def sparsity(self) -> tuple[float, float]:
+        """Fraction of K and of V not stored (0 for the dense layout, which stores every entry)."""
+        if self.layout == "dense":
+            return 0.0, 0.0
         n = self.kv_heads * self.seq_len * self.head_dim
         return 1 - int(self.k_offsets[-1]) / n, 1 - int(self.v_offsets[-1]) / n
 
 
-def pack_kv(keys: torch.Tensor, values: torch.Tensor) -> PackedKV:
-    """Compress one layer's K and V ([kv_heads, S, D] each; zeros are the pruned entries) for the decode op."""
+def pack_kv(keys: torch.Tensor, values: torch.Tensor, layout: str = "bitmap") -> PackedKV:
+    """Compress one layer's K and V ([kv_heads, S, D] each; zeros are the pruned entries) for the decode op.
+    ``layout="dense"``: keep every value in the kernel's tile order, no bitmaps (the dense baseline)."""
+    if layout not in KV_LAYOUTS:
+        raise ValueError(f"unknown KV layout {layout!r}; expected one of {KV_LAYOUTS}")
     for name, t in (("keys", keys), ("values", values)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3 or not t.dtype.is_floating_point:
             raise ValueError(f"{name} must be a floating-point [kv_heads, seq_len, head_dim] tensor, got "
@@ -163,6 +191,10 @@ def pack_kv(keys: torch.Tensor, values: torch.Tensor) -> PackedKV:
     sp = -(-s // 16) * 16
     k = torch.nn.functional.pad(keys.detach().to(torch.bfloat16), (0, 0, 0, sp - s)).reshape(h * sp, d)
     vt = values.detach().to(torch.bfloat16).transpose(1, 2).reshape(h * d, s)
+    if layout == "dense":
+        empty_bm, empty_off = torch.empty(0, dtype=torch.int32), torch.empty(0, dtype=torch.int64)
+        return PackedKV(empty_bm, pack_dense_bf16_vnni(k).view(-1), empty_off, empty_bm,
+                        pack_dense_bf16_vnni(vt).view(-1), empty_off, h, s, d, layout="dense")
     kw, vw = pack_bf16_fast(k.contiguous()), pack_bf16_fast(vt.contiguous())
     validate_packed(kw)
     validate_packed(vw)
@@ -234,7 +266,10 @@ class SparseKVLayer(_dynamic_layer()):
             self.lazy_initialization(key_states, value_states)
         if self.packed is None:  # the prompt: attend densely, keep it pruned and packed
             c = self.kv_config
-            self.packed = pack_kv(prune_kv(key_states[0], c.sparsity), prune_kv(value_states[0], c.v_sparsity))
+            if c.layout == "dense":  # nothing pruned: skip the threshold search
+                self.packed = pack_kv(key_states[0], value_states[0], layout="dense")
+            else:
+                self.packed = pack_kv(prune_kv(key_states[0], c.sparsity), prune_kv(value_states[0], c.v_sparsity))
             self.keys, self.values = key_states[:, :, :0].contiguous(), value_states[:, :, :0].contiguous()
             return key_states, value_states
         self.keys = torch.cat([self.keys, key_states], dim=-2)

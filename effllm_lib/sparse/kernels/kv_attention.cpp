@@ -8,7 +8,8 @@
 // strips of K (16 positions each), the tail scores and the softmax per query head (float32, max-subtracted),
 // then PV over the strips of V^T (16 head dims each) plus the tail. Everything is float32 on bf16 values
 // widened exactly, so the result differs from a float64 reference on the same pruned caches only by float32
-// rounding. The query heads of a KV head (GQA) are the rows of one strip product: K and V are read once.
+// rounding. With empty bitmaps the caches are in the dense layout (every value, tile order, no bitmaps): the same
+// kernels on an unpruned cache, the dense baseline of the same code. The query heads of a KV head (GQA) are the rows of one strip product: K and V are read once.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -59,8 +60,17 @@ std::string kv_kernel(int64_t code, SpmvFn& fn) {
   return eff_msg("KV kernel code must be 0 (portable), 1 (avx512) or 3 (avx2), got ", code);
 }
 
+// Empty bitmaps and offsets: the dense layout (every value of the [strips, k_tiles, 16, 32] tiles, no bitmaps).
 std::string check_packed(const at::Tensor& bm, const at::Tensor& vals, const at::Tensor& off, int64_t strips,
                          int64_t k_tiles, const char* name) {
+  if (bm.numel() == 0) {
+    EFF_CHECK(off.numel() == 0, name, ": empty bitmaps (the dense layout) need empty strip_offsets");
+    EFF_CHECK(vals.device().is_cpu() && vals.scalar_type() == at::kBFloat16 && vals.is_contiguous() &&
+                  vals.dim() == 1 && vals.numel() == strips * k_tiles * 512,
+              name, " values of the dense layout must be contiguous bf16 [", strips * k_tiles * 512,
+              "] (every value of ", strips, " strips x ", k_tiles, " tiles x 16 x 32)");
+    return {};
+  }
   EFF_CHECK(bm.device().is_cpu() && bm.scalar_type() == at::kInt && bm.is_contiguous() && bm.dim() == 3 &&
                 bm.size(0) == strips && bm.size(1) == k_tiles && bm.size(2) == 16,
             name, " bitmaps must be contiguous int32 [", strips, ", ", k_tiles, ", 16]");
@@ -89,12 +99,13 @@ void attend(const float* qf, int64_t dp, const at::Tensor& k_bitmaps, const at::
   std::vector<float> scores(static_cast<size_t>(hq * w));
   float* sc = scores.data();
   const int64_t k_strips_per_head = sp / 16, v_strips_per_head = d / 16;
-  const int32_t* kbm = k_bitmaps.data_ptr<int32_t>();
+  // null bitmaps tell the strip kernels that the layout is dense
+  const int32_t* kbm = k_bitmaps.numel() ? k_bitmaps.data_ptr<int32_t>() : nullptr;
   const uint16_t* kval = reinterpret_cast<const uint16_t*>(k_values.data_ptr());
-  const int64_t* koff = k_offsets.data_ptr<int64_t>();
-  const int32_t* vbm = v_bitmaps.data_ptr<int32_t>();
+  const int64_t* koff = k_offsets.numel() ? k_offsets.data_ptr<int64_t>() : nullptr;
+  const int32_t* vbm = v_bitmaps.numel() ? v_bitmaps.data_ptr<int32_t>() : nullptr;
   const uint16_t* vval = reinterpret_cast<const uint16_t*>(v_values.data_ptr());
-  const int64_t* voff = v_offsets.data_ptr<int64_t>();
+  const int64_t* voff = v_offsets.numel() ? v_offsets.data_ptr<int64_t>() : nullptr;
 
   // 1. scores[i, 0:Sp] = q_i . K_h rows (all strips of all heads, split among threads)
   at::parallel_for(0, hkv * k_strips_per_head, 8, [&](int64_t b, int64_t e) {
@@ -167,6 +178,7 @@ at::Tensor op_sparse_kv_attention(const at::Tensor& q, const at::Tensor& k_bitma
     EFF_CHECK(seq_len > 0, "seq_len (pruned positions) must be positive, got ", seq_len);
     EFF_CHECK(std::isfinite(scale), "scale must be finite");
     const int64_t sp = (seq_len + 15) / 16 * 16, spv = (seq_len + 31) / 32 * 32;
+    EFF_CHECK((k_bitmaps.numel() == 0) == (v_bitmaps.numel() == 0), "K and V^T must both be packed or both dense");
     EFF_TRY(check_packed(k_bitmaps, k_values, k_offsets, hkv * sp / 16, (d + 31) / 32, "K"));
     EFF_TRY(check_packed(v_bitmaps, v_values, v_offsets, hkv * d / 16, spv / 32, "V^T"));
     return {};

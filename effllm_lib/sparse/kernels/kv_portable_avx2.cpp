@@ -33,16 +33,19 @@ extern "C" CpuInfoX86 effllm_cpu_probe_avx2() {
   return info;
 }
 
+// bitmaps == nullptr (both kernels): the dense layout, every value of every tile in tile order, strip s at
+// s * k_tiles * 512 (strip_offsets unused); the same loops with every mask bit set.
 extern "C" void spmv_f32_portable(const F32Problem& p, int64_t strip_begin, int64_t strip_end) {
+  const bool dense = p.bitmaps == nullptr;
   for (int64_t s = strip_begin; s < strip_end; ++s) {
     for (int64_t m0 = 0; m0 < p.m; m0 += kMaxRows) {
       const int64_t rows = p.m - m0 < kMaxRows ? p.m - m0 : kMaxRows;
       float acc[kMaxRows][kStrip] = {};
-      const uint16_t* v = p.values + p.strip_offsets[s];
-      const int32_t* bm = p.bitmaps + s * p.k_tiles * kRowsPerTile;
+      const uint16_t* v = p.values + (dense ? s * p.k_tiles * kRowsPerTile * 32 : p.strip_offsets[s]);
+      const int32_t* bm = dense ? nullptr : p.bitmaps + s * p.k_tiles * kRowsPerTile;
       for (int64_t t = 0; t < p.k_tiles; ++t) {
         for (int r = 0; r < kRowsPerTile; ++r) {
-          uint32_t mask = static_cast<uint32_t>(bm[t * kRowsPerTile + r]);
+          uint32_t mask = dense ? 0xffffffffu : static_cast<uint32_t>(bm[t * kRowsPerTile + r]);
           const int64_t k0 = t * 32 + 2 * r;
           while (mask) {
             const int c = __builtin_ctz(mask);
@@ -103,22 +106,28 @@ inline __m256i expand16(const uint16_t*& v, uint32_t bits16) {
 
 // One strip for B rows of x from m0: separate accumulators for the two inputs of a pair and the two halves
 // of the strip keep four independent FMA chains per row.
-template <int B>
+template <int B, bool Dense>
 void strip_rows_avx2(const F32Problem& p, int64_t s, int64_t m0) {
   __m256 acc_even[B][2], acc_odd[B][2];
   for (int b = 0; b < B; ++b)
     for (int h = 0; h < 2; ++h) acc_even[b][h] = acc_odd[b][h] = _mm256_setzero_ps();
   const __m256i high_half = _mm256_set1_epi32(static_cast<int>(0xffff0000u));
-  const uint16_t* v = p.values + p.strip_offsets[s];
-  const uint32_t* bm = reinterpret_cast<const uint32_t*>(p.bitmaps) + s * p.k_tiles * kRowsPerTile;
+  const uint16_t* v = Dense ? p.values + s * p.k_tiles * kRowsPerTile * 32 : p.values + p.strip_offsets[s];
+  const uint32_t* bm = Dense ? nullptr : reinterpret_cast<const uint32_t*>(p.bitmaps) + s * p.k_tiles * kRowsPerTile;
   const float* x0 = p.x + m0 * p.ldx;
   for (int64_t t = 0; t < p.k_tiles; ++t) {
     for (int r = 0; r < kRowsPerTile; ++r) {
-      const uint32_t mask = bm[t * kRowsPerTile + r];
+      const uint32_t mask = Dense ? 0xffffffffu : bm[t * kRowsPerTile + r];
       const int64_t k0 = t * 32 + 2 * r;
       if (mask == 0) continue;
       for (int h = 0; h < 2; ++h) {
-        const __m256i w = expand16(v, (mask >> (16 * h)) & 0xffff);
+        __m256i w;
+        if constexpr (Dense) {  // 16 stored values = what expand16 makes of an all-ones half-row
+          w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(v));
+          v += 16;
+        } else {
+          w = expand16(v, (mask >> (16 * h)) & 0xffff);
+        }
         const __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
         const __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(w, high_half));
         for (int b = 0; b < B; ++b) {
@@ -134,14 +143,22 @@ void strip_rows_avx2(const F32Problem& p, int64_t s, int64_t m0) {
     _mm256_storeu_ps(o + 8, _mm256_add_ps(acc_even[b][1], acc_odd[b][1]));
   }
 }
+
+template <bool Dense>
+void strips_avx2(const F32Problem& p, int64_t strip_begin, int64_t strip_end) {
+  for (int64_t s = strip_begin; s < strip_end; ++s) {
+    int64_t m0 = 0;
+    for (; m0 + 2 <= p.m; m0 += 2) strip_rows_avx2<2, Dense>(p, s, m0);
+    if (m0 < p.m) strip_rows_avx2<1, Dense>(p, s, m0);
+  }
+}
 }  // namespace
 
 extern "C" void spmv_f32_avx2(const F32Problem& p, int64_t strip_begin, int64_t strip_end) {
-  for (int64_t s = strip_begin; s < strip_end; ++s) {
-    int64_t m0 = 0;
-    for (; m0 + 2 <= p.m; m0 += 2) strip_rows_avx2<2>(p, s, m0);
-    if (m0 < p.m) strip_rows_avx2<1>(p, s, m0);
-  }
+  if (p.bitmaps == nullptr)
+    strips_avx2<true>(p, strip_begin, strip_end);
+  else
+    strips_avx2<false>(p, strip_begin, strip_end);
 }
 
 #pragma GCC pop_options

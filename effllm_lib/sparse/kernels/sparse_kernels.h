@@ -96,8 +96,8 @@ struct F32Problem {
   const float* x;          // [m, ldx]; columns k_tiles * 32 are read, zero beyond the real K
   int64_t m;               // rows of x (the query heads sharing one KV head)
   int64_t ldx;
-  const int32_t* bitmaps;  // [strips, k_tiles, 16]
-  const uint16_t* values;  // packed bf16 nonzeros (+ 64 bytes slack)
+  const int32_t* bitmaps;  // [strips, k_tiles, 16]; null: dense layout (all values, tile order, no offsets)
+  const uint16_t* values;  // packed bf16 nonzeros (+ 64 bytes slack), or [strips, k_tiles, 16, 32] if dense
   const int64_t* strip_offsets;
   int64_t k_tiles;
   int64_t strip_base;      // the strip written to column 0 of out
