@@ -373,6 +373,25 @@ def _candidates(dtype: str, bits: int, tensor_amax: float) -> tuple[list[Callabl
     return [lambda x, r, w: _absmax(x, values.to(x.device, x.dtype), r)], None
 
 
+def clip_ignored(dtype: str, bits: int) -> bool:
+    """True when ``clip`` cannot change what ``quantize_tensor`` (and GPTQ) computes for ``dtype``: the method
+    searches its own scales (OliVe, IQ4_NL, the k-quants), so its ratio list replaces ``CLIP_RATIOS``."""
+    return _candidates(dtype, bits, 1.0)[1] is not None
+
+
+def calibration_ignored(dtype: str, bits: int, clip: bool) -> bool:
+    """True when ``calibration="act"`` cannot change the weights ``quantize_tensor`` returns: the per-group
+    search has exactly one (candidate, ratio) pair, so the activation weights only scale an error that nothing
+    is compared against, and the candidate itself does not read them (IQ4_NL's scale fit does). E.g. INT-asym,
+    NF4, INT, FP, MX, NV without clipping, and the k-quants always."""
+    candidates, own = _candidates(dtype, bits, 1.0)
+    ratios = own or (CLIP_RATIOS if clip else (1.0,))
+    return len(candidates) == 1 and len(ratios) == 1 and dtype not in _READS_IMPORTANCE
+
+
+_READS_IMPORTANCE = ("iq4_nl",)  # candidates whose quantizer itself uses the importance weights
+
+
 def _absmax_value_sets(dtype: str, bits: int) -> list[torch.Tensor] | None:
     """The value sets of a method whose candidates are all ``_absmax`` quantizers (None for the others)."""
     if dtype in _SELECTION:
