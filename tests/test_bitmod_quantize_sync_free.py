@@ -191,3 +191,31 @@ def test_quantize_report_read_back_once(monkeypatch, calibration):
         assert sum(getattr(r, n) for n in Q.candidate_names("bitmod", 3)) == r.groups
     assert sum(report.type_counts.values()) == int(report.layers.groups.sum())
     assert n_reads <= 2 * len(report.layers) + 4, n_reads  # the earlier code: 6 or more per layer
+
+
+def test_window_scores_reads_back_once_and_matches_per_window_reads(monkeypatch):
+    # the KL sweep's evaluation: its per-window sums gathered on the device and read back once, the same numbers
+    # as the per-window float() reads (kept as eval._kl_and_agreement) gave
+    import torch.nn.functional as F
+
+    from effllm_lib import eval as E
+    from effllm_lib.models import tiny_causal_lm
+
+    model, _ = tiny_causal_lm("llama", seed=0, tokenizer="byte")
+    ref, _ = tiny_causal_lm("llama", seed=1, tokenizer="byte")
+    windows = torch.randint(0, 200, (6, 40), generator=torch.Generator().manual_seed(0))
+    counts = []
+    for n in (2, 6):
+        reads = _HostReads(monkeypatch)
+        sc = E.window_scores(model, windows[:n], reference=ref, kl_windows=range(n), batch_size=2, progress=False)
+        counts.append(reads.n)
+        monkeypatch.undo()
+    assert counts[0] == counts[1], counts
+    torch.set_grad_enabled(False)
+    for w in range(6):
+        x = windows[w:w + 1]
+        lg, rl = model(input_ids=x).logits[0, :-1], ref(input_ids=x).logits[0, :-1]
+        assert sc.nll_sum[w].item() == float(F.cross_entropy(lg.float(), x[0, 1:], reduction="sum"))
+        kl, same = E._kl_and_agreement(rl, lg, chunk=512)
+        assert sc.kl_sum[w].item() == pytest.approx(kl, rel=1e-6) and sc.top1_same[w].item() == same
+    torch.set_grad_enabled(True)

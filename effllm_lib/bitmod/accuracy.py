@@ -10,6 +10,12 @@ bootstrap intervals over windows and ``orderings`` the paper's comparisons paire
         --kl-windows 64 --batch-size 8 --matmul-precision high --out OUT --tag w3
     python -m effllm_lib.bitmod.accuracy --summarize OUT/windows_*.csv --out OUT   # merge several runs
 
+A long sweep spans several calls of a time-limited machine: ``--max-minutes M`` stops before a configuration that
+would not fit (the windows and accuracy files are saved after every configuration, their params saying
+``complete: false`` and which ``configs_done``), and the same command with ``--resume`` continues the windows file
+in OUT, refusing one written from other model weights (sha256), texts or settings. The orderings file is written
+only once the sweep is complete.
+
 The older per-configuration tables:
 
     df = perplexity_sweep(lambda: load_causal_lm("smollm2-135m"), {"wikipedia": text}, bits=(3, 4))
@@ -851,6 +857,7 @@ def main(argv=None) -> int:
                     "texts_sha256": {k: _sha256(v) for k, v in texts.items()},
                     "calib_text_sha256": _sha256(calib_text) if calib is not None else None}
         params = {**params, **identity}
+        print(f"effllm: float model sha256 {identity['model_sha256']}", flush=True)
         windows_path = out / f"windows_{args.model}{tag}.csv"
         previous = _previous_windows(windows_path, params) if args.resume else None
         planned = ["float", *(c.label for c in cfgs)]
