@@ -111,6 +111,13 @@ def test_budget_estimate_and_first_configuration():
     t = [{"config": "bitmod3", "calibration": "none", "quant_seconds": 2.0, "eval_seconds": 3.0, "passes": 4},
          {"config": "int_asym3", "calibration": "none", "quant_seconds": 1.0, "eval_seconds": 5.0, "passes": 1}]
     assert b.estimate(cfg, t) == pytest.approx(40 * 1.0 + 5.0)  # slowest per pass, slowest evaluation
+    gptq = Q.BitMoDConfig(bits=3, dtype="bitmod", clip=True, calibration="gptq")
+    assert b.estimate(gptq, t) == pytest.approx(40 * 1.0 + 5.0 + A._Budget.UNSEEN_SECONDS)  # not timed yet
+    t_g = t + [{"config": "int_asym3+gptq", "calibration": "gptq", "quant_seconds": 20.0, "eval_seconds": 5.0,
+                "passes": 1}]
+    assert b.estimate(gptq, t_g) == pytest.approx(40 * 20.0 + 5.0)  # GPTQ's own rate once seen
+    awq = Q.BitMoDConfig(bits=3, dtype="bitmod", calibration="awq")
+    assert A.search_passes(awq) == 4 + 20 * 4
     assert b(cfg, []) is False  # the first configuration of a call always runs
     import time
 

@@ -211,11 +211,10 @@ def test_window_scores_reads_back_once_and_matches_per_window_reads(monkeypatch)
         counts.append(reads.n)
         monkeypatch.undo()
     assert counts[0] == counts[1], counts
-    torch.set_grad_enabled(False)
-    for w in range(6):
-        x = windows[w:w + 1]
-        lg, rl = model(input_ids=x).logits[0, :-1], ref(input_ids=x).logits[0, :-1]
-        assert sc.nll_sum[w].item() == float(F.cross_entropy(lg.float(), x[0, 1:], reduction="sum"))
-        kl, same = E._kl_and_agreement(rl, lg, chunk=512)
-        assert sc.kl_sum[w].item() == pytest.approx(kl, rel=1e-6) and sc.top1_same[w].item() == same
-    torch.set_grad_enabled(True)
+    with torch.no_grad():
+        for w in range(6):
+            x = windows[w:w + 1]
+            lg, rl = model(input_ids=x).logits[0, :-1], ref(input_ids=x).logits[0, :-1]
+            assert sc.nll_sum[w].item() == float(F.cross_entropy(lg.float(), x[0, 1:], reduction="sum"))
+            kl, same = E._kl_and_agreement(rl, lg, chunk=512)
+            assert sc.kl_sum[w].item() == pytest.approx(kl, rel=1e-6) and sc.top1_same[w].item() == same

@@ -675,9 +675,12 @@ def _previous_windows(path: Path, params: dict) -> pd.DataFrame | None:
 
 class _Budget:
     """``stop_before`` for ``kl_sweep``: stop before a configuration whose estimated time (its quantization passes
-    times the slowest seconds per pass seen so far in its calibration family, plus the slowest evaluation)
+    times the slowest seconds per pass seen so far in its calibration family, plus the slowest evaluation, plus
+    a minute for the first AWQ or GPTQ configuration)
     would end past ``max_minutes`` less ``reserve_seconds``; or after ``max_configs`` computed ones. The first
     configuration of a call always runs (else a long one could never be done)."""
+
+    UNSEEN_SECONDS = 60.0  # added for the first configuration of a calibration (AWQ, GPTQ) not yet timed
 
     def __init__(self, start: float, max_minutes: float | None, max_configs: int | None, reserve_seconds: float,
                  log: Callable | None = None):
@@ -690,9 +693,11 @@ class _Budget:
 
     def estimate(self, cfg, timings: list[dict]) -> float:
         family = lambda c: c if c in ("awq", "gptq") else "rtn"  # noqa: E731 - act costs what none costs
-        same = [t for t in timings if family(t["calibration"]) == family(cfg.calibration)] or timings
-        per_pass = max(t["quant_seconds"] / max(t["passes"], 1) for t in same)
-        return search_passes(cfg) * per_pass + max(t["eval_seconds"] for t in timings)
+        same = [t for t in timings if family(t["calibration"]) == family(cfg.calibration)]
+        per_pass = max(t["quant_seconds"] / max(t["passes"], 1) for t in (same or timings))
+        # the first AWQ / GPTQ configuration: its search (AWQ's matmuls, GPTQ's column loop) is not in the passes
+        unseen = self.UNSEEN_SECONDS if not same and family(cfg.calibration) != "rtn" else 0.0
+        return search_passes(cfg) * per_pass + max(t["eval_seconds"] for t in timings) + unseen
 
     def __call__(self, cfg, timings: list[dict]) -> bool:
         quantized = timings  # kl_sweep times the quantized configurations only
