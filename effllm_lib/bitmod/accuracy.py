@@ -681,6 +681,7 @@ class _Budget:
     configuration of a call always runs (else a long one could never be done)."""
 
     UNSEEN_SECONDS = 60.0  # added for the first configuration of a calibration (AWQ, GPTQ) not yet timed
+    GPTQ_LOOP_PASSES = 20  # GPTQ's per-column loop, in passes of the group search (a guess; only scales estimates)
 
     def __init__(self, start: float, max_minutes: float | None, max_configs: int | None, reserve_seconds: float,
                  log: Callable | None = None):
@@ -694,10 +695,12 @@ class _Budget:
     def estimate(self, cfg, timings: list[dict]) -> float:
         family = lambda c: c if c in ("awq", "gptq") else "rtn"  # noqa: E731 - act costs what none costs
         same = [t for t in timings if family(t["calibration"]) == family(cfg.calibration)]
-        per_pass = max(t["quant_seconds"] / max(t["passes"], 1) for t in (same or timings))
+        # seconds = rate x (passes + k): GPTQ's column loop costs about as much whatever the type (k passes' worth)
+        k = self.GPTQ_LOOP_PASSES if cfg.calibration == "gptq" else 0
+        quant = max(t["quant_seconds"] * (search_passes(cfg) + k) / (max(t["passes"], 1) + k) for t in (same or timings))
         # the first AWQ / GPTQ configuration: its search (AWQ's matmuls, GPTQ's column loop) is not in the passes
         unseen = self.UNSEEN_SECONDS if not same and family(cfg.calibration) != "rtn" else 0.0
-        return search_passes(cfg) * per_pass + max(t["eval_seconds"] for t in timings) + unseen
+        return quant + max(t["eval_seconds"] for t in timings) + unseen
 
     def __call__(self, cfg, timings: list[dict]) -> bool:
         quantized = timings  # kl_sweep times the quantized configurations only
