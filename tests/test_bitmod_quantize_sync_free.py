@@ -218,3 +218,21 @@ def test_window_scores_reads_back_once_and_matches_per_window_reads(monkeypatch)
             assert sc.nll_sum[w].item() == float(F.cross_entropy(lg.float(), x[0, 1:], reduction="sum"))
             kl, same = E._kl_and_agreement(rl, lg, chunk=512)
             assert sc.kl_sum[w].item() == pytest.approx(kl, rel=1e-6) and sc.top1_same[w].item() == same
+
+
+@pytest.mark.parametrize("dtype,bits,clip", [("bitmod", 3, True), ("olive", 3, False), ("nf4", 4, True),
+                                             ("mxfp", 3, True), ("iq4_nl", 4, False)])
+def test_gptq_host_reads_do_not_grow_with_columns(monkeypatch, dtype, bits, clip):
+    from effllm_lib.bitmod import gptq as G
+
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for cols in (256, 1024):
+        w, x = torch.randn(16, cols, generator=g), torch.randn(256, cols, generator=g)
+        h = x.t() @ x / 256
+        G.gptq_quantize(w, h, bits, dtype, 128, clip=clip)  # warm the caches
+        reads = _HostReads(monkeypatch)
+        G.gptq_quantize(w, h, bits, dtype, 128, clip=clip)
+        counts.append(reads.n)
+        monkeypatch.undo()
+    assert counts[0] == counts[1], counts

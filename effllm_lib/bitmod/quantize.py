@@ -226,11 +226,13 @@ OLIVE_OUTLIER_MAGNITUDES = {4: (8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0), 
 OLIVE_SCALE_CANDIDATES = 12
 
 
-def _olive_ratios(bits: int) -> list[float]:
+@lru_cache(maxsize=4)
+def _olive_ratios(bits: int) -> tuple[float, ...]:
     """OliVe's own scale search: normal scale = ratio * absmax / qmax for ratios log-spaced from 1 (plain INT,
     no outliers) down to qmax / (largest outlier magnitude) (the absmax lands on the largest outlier value)."""
     qmax = 2 ** (bits - 1) - 1
-    return torch.logspace(0, math.log10(qmax / OLIVE_OUTLIER_MAGNITUDES[bits][-1]), OLIVE_SCALE_CANDIDATES).tolist()
+    return tuple(torch.logspace(0, math.log10(qmax / OLIVE_OUTLIER_MAGNITUDES[bits][-1]),
+                                OLIVE_SCALE_CANDIDATES).tolist())
 
 
 def _olive(x: torch.Tensor, bits: int, ratio: float) -> torch.Tensor:
@@ -406,6 +408,12 @@ def calibration_ignored(dtype: str, bits: int, clip: bool) -> bool:
 
 
 _READS_IMPORTANCE = ("iq4_nl",)  # candidates whose quantizer itself uses the importance weights
+
+
+def _absmax_value_tuples(dtype: str, bits: int) -> list[tuple[float, ...]] | None:
+    """``_absmax_value_sets`` as tuples of floats (what the per-device caches key on)."""
+    sets = _absmax_value_sets(dtype, bits)
+    return None if sets is None else [tuple(v.tolist()) for v in sets]
 
 
 def _absmax_value_sets(dtype: str, bits: int) -> list[torch.Tensor] | None:
