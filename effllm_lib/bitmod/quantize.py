@@ -462,7 +462,7 @@ class TensorQuant:
 @torch.no_grad()
 def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group_size: int = 128,
                     chunk_elements: int = 1 << 22, *, clip: bool = False,
-                    col_weight: torch.Tensor | None = None, search: str = "auto") -> TensorQuant:
+                    col_weight: torch.Tensor | None = None, search: str = "auto", check: bool = True) -> TensorQuant:
     """Fake-quantize a 2-D weight ``[rows, in_features]`` in groups along the last dimension.
 
     Returns the dequantized weight (same shape and dtype as ``w``), the chosen type index per group
@@ -472,20 +472,22 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
     and the clipping search (the activation second moments of calibration text: an importance matrix).
     ``search``: "auto" runs the per-group search in C (``group_search``) for the absmax types and INT-asym on
     CPU float32 weights, "torch" always in torch (the reference the C search is tested against).
+    ``check=False`` skips the finiteness checks of ``w`` and ``col_weight`` (each a host read, i.e. a GPU sync):
+    for callers that checked them already (``quantize_`` checks every layer at once).
     """
     cfg = BitMoDConfig(bits=bits, group_size=group_size, dtype=dtype, chunk_elements=chunk_elements, clip=clip)
     if not isinstance(w, torch.Tensor) or w.ndim != 2:
         raise ValueError(f"expected a 2-D weight tensor, got {getattr(w, 'shape', type(w))}")
     if not torch.is_floating_point(w):
         raise TypeError(f"expected a floating-point weight, got {w.dtype}")
-    if not torch.isfinite(w).all():
+    if check and not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or infinity")
     rows, cols = w.shape
     work_dtype = torch.promote_types(w.dtype, torch.float32)  # bf16/fp16 weights are quantized in float32
     if col_weight is not None:
         if not isinstance(col_weight, torch.Tensor) or col_weight.shape != (cols,):
             raise ValueError(f"col_weight must be a tensor of shape ({cols},), got {getattr(col_weight, 'shape', None)}")
-        if not (torch.isfinite(col_weight) & (col_weight >= 0)).all():  # one host read (a GPU sync), not two
+        if check and not (torch.isfinite(col_weight) & (col_weight >= 0)).all():  # one host read, not two
             raise ValueError("col_weight must be finite and non-negative")
         col_weight = col_weight.to(w.device, work_dtype)
     g = cfg.effective_group_size
@@ -622,7 +624,8 @@ def _awq_scale(weights: list[torch.Tensor], stats, config: BitMoDConfig) -> tupl
         s = s / (s.max() * s.min()).sqrt()
         scales.append(s)
         errs.append(torch.stack([(x @ (quantize_tensor(w * s, config.bits, config.dtype, config.group_size,
-                                                          config.chunk_elements).weight / s).t() - ref).pow(2).mean()
+                                                          config.chunk_elements, check=False).weight / s).t()
+                                       - ref).pow(2).mean()
                                  for w, ref in zip(weights, refs)]))
     best = (None, float("nan"), float("inf"))
     # the errors read back once (each read is a GPU sync), then summed per alpha in double as before
@@ -657,6 +660,25 @@ def _gptq_layers(targets, calibration, config: BitMoDConfig) -> dict:
                                     per_row * m.shape[0])
             r0 = r1
     return out
+
+
+def _check_finite(targets, calibration) -> None:
+    """Every target's weight finite and (calibrated) its activation second moments finite and non-negative, in
+    one host read for all layers; the error names the first bad layer."""
+    oks = []
+    for name, module in targets:
+        w = _weight_2d(module)
+        ok = torch.isfinite(w).all()
+        if calibration is not None:
+            cw = calibration[name].sq_mean
+            ok = ok & (torch.isfinite(cw) & (cw >= 0)).all().to(ok.device)
+        oks.append(ok.to(targets[0][1].weight.device))
+    good = torch.stack(oks).tolist()
+    for (name, _), g in zip(targets, good):
+        if not g:
+            raise ValueError(f"layer {name}: weight contains NaN or infinity"
+                             + (" (or its calibration statistics are not finite and non-negative)"
+                                if calibration is not None else ""))
 
 
 def _weight_2d(module: nn.Module) -> torch.Tensor:
@@ -725,6 +747,7 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
                                  "embedding too. Use untie_embeddings=True or include_lm_head=False.")
             untied = _untie_lm_head(model, lm_head)
 
+    _check_finite(targets, calibration if config.calibration != "none" else None)
     scales, alphas = {}, {}
     if config.calibration == "awq":  # one scale per group of layers reading the same tensor
         groups: dict[str, list] = {}
@@ -749,11 +772,11 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         elif name in scales:
             s = scales[name].to(w.device)
             res = quantize_tensor(w.float() * s, config.bits, config.dtype, config.group_size, config.chunk_elements,
-                                  clip=config.clip, col_weight=col_weight / s.pow(2))
+                                  clip=config.clip, col_weight=col_weight / s.pow(2), check=False)
             res.weight = (res.weight / s).to(w.dtype)
         else:
             res = quantize_tensor(w, config.bits, config.dtype, config.group_size, config.chunk_elements,
-                                  clip=config.clip, col_weight=col_weight)
+                                  clip=config.clip, col_weight=col_weight, check=False)
         # the layer's statistics stay on the device until all layers are done: one read-back (a GPU sync) in all
         diff = (res.weight.float() - w.float())
         stats = [diff.pow(2).mean(), w.float().pow(2).mean()]
