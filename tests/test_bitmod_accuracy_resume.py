@@ -181,3 +181,16 @@ def test_cli_resume_after_max_configs_equals_one_shot(tmp_path):
         assert b.attrs["provenance"]["params"]["complete"] is True
     w = results.read(split / "windows_tiny.csv")
     assert w[w.config == "int_asym4+act"].nll_sum.tolist() == w[w.config == "int_asym4"].nll_sum.tolist()
+
+
+def test_stopped_sweep_keeps_the_earlier_configurations_and_lists_only_the_missing():
+    model, tok = _tiny()
+    kw = dict(seq_len=32, max_windows=3, kl_windows=2)
+    mk = lambda d: Q.BitMoDConfig(bits=3, dtype=d)  # noqa: E731
+    earlier = A.kl_sweep(model, tok, {"t": TEXT}, [mk("bitmod")], **kw)
+    df = A.kl_sweep(model, tok, {"t": TEXT}, [mk("int_asym"), mk("olive"), mk("bitmod")], previous=earlier,
+                    stop_before=lambda c, t: len(t) >= 1, **kw)
+    assert df.attrs["remaining"] == ["olive3"]
+    assert list(dict.fromkeys(df.config)) == ["float", "int_asym3", "bitmod3"]
+    pd.testing.assert_frame_equal(df[df.config == "bitmod3"].reset_index(drop=True),
+                                  earlier[earlier.config == "bitmod3"].reset_index(drop=True))

@@ -291,7 +291,7 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
             rows += r
             done[label] = r
     out = pd.DataFrame(rows)
-    out.attrs["remaining"] = remaining
+    out.attrs["remaining"] = [c for c in remaining if c not in done]
     return out
 
 
