@@ -165,6 +165,9 @@ def test_cli_resume_after_max_configs_equals_one_shot(tmp_path):
     assert A.main(common + ["--out", str(one)]) == 0
     assert A.main(common + ["--out", str(split), "--max-configs", "2"]) == 0
     part = results.read(split / "windows_tiny.csv")
+    (tmp_path / "partial").mkdir()
+    partial_copy = tmp_path / "partial" / "windows_tiny.csv"
+    partial_copy.write_text((split / "windows_tiny.csv").read_text())
     meta = part.attrs["provenance"]["params"]
     assert meta["complete"] is False and meta["configs_done"] == ["float", "int_asym4", "nf44"]
     assert len(meta["configs_planned"]) == 7 and "max_configs" not in meta
@@ -181,6 +184,11 @@ def test_cli_resume_after_max_configs_equals_one_shot(tmp_path):
         assert b.attrs["provenance"]["params"]["complete"] is True
     w = results.read(split / "windows_tiny.csv")
     assert w[w.config == "int_asym4+act"].nll_sum.tolist() == w[w.config == "int_asym4"].nll_sum.tolist()
+    # --summarize of a partial windows file: the accuracy table, but no orderings, and it says so
+    merged = tmp_path / "merged"
+    assert A.main(["--summarize", str(partial_copy), "--out", str(merged), "--scale", "ci", "--n-boot", "50"]) == 0
+    assert not (merged / "orderings_tiny.csv").exists()
+    assert results.read(merged / "accuracy_tiny.csv").attrs["provenance"]["params"]["complete"] is False
 
 
 def test_stopped_sweep_keeps_the_earlier_configurations_and_lists_only_the_missing():

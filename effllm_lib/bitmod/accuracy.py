@@ -805,9 +805,14 @@ def main(argv=None) -> int:
         df = _merge_windows(frames)
         models = sorted(df.model.unique())
         name = models[0] if len(models) == 1 else "all"
-        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot, **_run_params(frames, df)}
+        partial = [Path(p).name for p, f in zip(args.summarize, frames)
+                   if f.attrs.get("provenance", {}).get("params", {}).get("complete") is False]
+        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot, **_run_params(frames, df),
+                  "complete": not partial}
         s = summarize(df, n_boot=args.n_boot)
-        o = orderings(df, n_boot=args.n_boot)
+        o = orderings(df, n_boot=args.n_boot) if not partial else pd.DataFrame()
+        if partial:  # the paper's comparisons only from finished sweeps
+            print(f"effllm: {', '.join(partial)} partial (complete: false): no orderings file", flush=True)
         results.save(s, "bitmod", f"accuracy_{name}{tag}", params=params, scale=args.scale, extra=extra,
                      path=out / f"accuracy_{name}{tag}.csv")
         if not o.empty:
