@@ -148,13 +148,27 @@ class WindowScores:
 def _kl_and_agreement(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 512) -> tuple[float, int]:
     """Summed KL(softmax(ref) || softmax(logits)) over positions, and how many positions share the argmax;
     positions in chunks to bound the memory of the [positions, vocab] temporaries."""
-    kl, same = 0.0, 0
+    kls, sames = _kl_and_agreement_parts(ref_logits, logits, chunk)
+    return _sum_parts([float(k) for k in kls], 0.0), int(_sum_parts([int(s) for s in sames], 0))
+
+
+def _kl_and_agreement_parts(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 512):
+    """The per-chunk KL sums and argmax agreements as tensors on the device (not read back: on a GPU each read is
+    a wait for the whole queue)."""
+    kls, sames = [], []
     for i in range(0, ref_logits.shape[0], chunk):
         p_log = torch.log_softmax(ref_logits[i:i + chunk].float(), -1)
         q_log = torch.log_softmax(logits[i:i + chunk].float(), -1)
-        kl += float((p_log.exp() * (p_log - q_log)).sum())
-        same += int((p_log.argmax(-1) == q_log.argmax(-1)).sum())
-    return kl, same
+        kls.append((p_log.exp() * (p_log - q_log)).sum())
+        sames.append((p_log.argmax(-1) == q_log.argmax(-1)).sum())
+    return kls, sames
+
+
+def _sum_parts(parts, start):
+    """Python's running sum (in double for floats), in order, as the per-chunk loop summed them."""
+    for p in parts:
+        start += p
+    return start
 
 
 @torch.no_grad()
@@ -195,6 +209,7 @@ def window_scores(model, windows: torch.Tensor, reference=None, kl_windows=None,
     with_kl, without = sorted(kl_set | keep_set), [i for i in range(n) if i not in kl_set | keep_set]
     batches = ([with_kl[i:i + batch_size] for i in range(0, len(with_kl), batch_size)]
                + [without[i:i + batch_size] for i in range(0, len(without), batch_size)])
+    pending = []  # (window, its NLL sum, its KL and agreement per chunk), all still on the device
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
         x = windows[batch].to(device)
         logits = model(input_ids=x).logits
@@ -202,13 +217,25 @@ def window_scores(model, windows: torch.Tensor, reference=None, kl_windows=None,
         if batch[0] in kl_set and not isinstance(reference, dict):
             ref_logits = reference(input_ids=x.to(_device(reference))).logits
         for j, w in enumerate(batch):
-            out.nll_sum[w] = float(F.cross_entropy(logits[j, :-1].float(), x[j, 1:], reduction="sum"))
+            nll = F.cross_entropy(logits[j, :-1].float(), x[j, 1:], reduction="sum")
             if w in keep_set:
                 keep_logits[w] = logits[j, :-1].float().cpu().clone()
+            kls, sames = [], []
             if w in kl_set:
                 ref = reference[w] if isinstance(reference, dict) else ref_logits[j, :-1]
-                kl, same = _kl_and_agreement(ref.to(logits.device), logits[j, :-1])
-                out.kl_sum[w], out.top1_same[w] = kl, same
+                kls, sames = _kl_and_agreement_parts(ref.to(logits.device), logits[j, :-1])
+            pending.append((w, nll, kls, sames))
+    # every window's sums read back at once (the same numbers as one float() per value, without a GPU sync each)
+    flat = [t for _, nll, kls, sames in pending for t in (nll, *kls, *sames)]
+    values = torch.stack([t.to(torch.float64) for t in flat]).tolist() if flat else []
+    i = 0
+    for w, nll, kls, sames in pending:
+        out.nll_sum[w] = values[i]
+        k = values[i + 1:i + 1 + len(kls)]
+        s_ = values[i + 1 + len(kls):i + 1 + len(kls) + len(sames)]
+        i += 1 + len(kls) + len(sames)
+        if kls:
+            out.kl_sum[w], out.top1_same[w] = _sum_parts(k, 0.0), _sum_parts([int(v) for v in s_], 0)
     return out
 
 

@@ -10,6 +10,12 @@ bootstrap intervals over windows and ``orderings`` the paper's comparisons paire
         --kl-windows 64 --batch-size 8 --matmul-precision high --out OUT --tag w3
     python -m effllm_lib.bitmod.accuracy --summarize OUT/windows_*.csv --out OUT   # merge several runs
 
+A long sweep spans several calls of a time-limited machine: ``--max-minutes M`` stops before a configuration that
+would not fit (the windows and accuracy files are saved after every configuration, their params saying
+``complete: false`` and which ``configs_done``), and the same command with ``--resume`` continues the windows file
+in OUT, refusing one written from other model weights (sha256), texts or settings. The orderings file is written
+only once the sweep is complete.
+
 The older per-configuration tables:
 
     df = perplexity_sweep(lambda: load_causal_lm("smollm2-135m"), {"wikipedia": text}, bits=(3, 4))
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -176,15 +183,21 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
              max_windows: int | None = None, kl_windows: int | None = 64, calibration_windows=None,
              calibration_sample: int = 512, batch_size: int = 1, model_name: str = "", progress: bool = False,
              log: Callable | None = None, on_config: Callable | None = None,
-             cache_reference: bool = False) -> pd.DataFrame:
+             cache_reference: bool = False, previous: pd.DataFrame | None = None,
+             stop_before: Callable | None = None) -> pd.DataFrame:
     """One row per (configuration, corpus, window): tokens, nll_sum, kl_sum, top1_same, plus the configuration
     and its quantization report. The float model is the first configuration (KL 0 by definition).
     ``on_config(rows so far)`` runs after each configuration (the CLI saves the partial table there, so a run
     cut off by a time limit still returns every configuration it finished). ``cache_reference``: keep the float
     model's logits of the KL windows in memory (seq_len x vocab x 4 bytes each, ~100 MB for SmolLM2 at 512)
     instead of running the float model again beside every configuration (half the forward passes on a CPU).
-    A "+clip" configuration of OliVe or IQ4_NL (which search their own scales, so clipping changes nothing)
-    copies the rows of the same configuration without clip when that ran first."""
+    A configuration whose quantized weights are provably those of an earlier one (``same_as``: "+clip" of a method
+    that searches its own scales, "+act" where the search has nothing to choose) copies that one's rows.
+    ``previous``: the per-window rows of an earlier, interrupted run of the same sweep (same model, texts and
+    settings: the caller checks); its configurations are taken from there, not recomputed, and any it has beyond
+    ``configs_list`` are kept. ``stop_before(cfg, timings)``: called before a configuration is computed, with
+    one {"config", "calibration", "quant_seconds", "eval_seconds", "passes"} per configuration computed so far; True stops the
+    sweep there (a time budget). ``attrs["remaining"]`` of the result lists the configurations not done."""
     if not texts:
         raise ValueError("texts must name at least one corpus")
     use_bos = E._resolve_bos(tokenizer, bos)
@@ -195,40 +208,51 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
         kl_idx[corpus] = spread(len(windows[corpus]), kl_windows)
         if log:
             log(f"{corpus}: {len(windows[corpus])} of {total} windows of {seq_len} tokens, KL on {len(kl_idx[corpus])}")
-    stats = None
-    if any(c.calibration != "none" for c in configs_list):
-        if calibration_windows is None:
-            raise ValueError("calibrated configurations need calibration_windows (token ids of calibration text)")
-        from .calibrate import collect_activation_stats
-
-        start = time.perf_counter()
-        stats = collect_activation_stats(base, calibration_windows, sample_tokens=calibration_sample,
-                                         hessian=any(c.calibration == "gptq" for c in configs_list))
-        if log:
-            log(f"calibration: {calibration_windows.numel()} tokens, {time.perf_counter() - start:.1f} s")
+    stats = None  # activation statistics, collected before the first calibrated configuration that runs
+    if any(c.calibration != "none" for c in configs_list) and calibration_windows is None:
+        raise ValueError("calibrated configurations need calibration_windows (token ids of calibration text)")
     rows = []
     ref_logits = {corpus: {} for corpus in windows}  # the float model's logits of the KL windows, kept once
     done: dict[str, list] = {}  # config label -> its rows
-    for cfg in [None, *configs_list]:
-        twin = _same_as_without_clip(cfg)
+    earlier = _rows_by_config(previous, {c: len(w) for c, w in windows.items()})
+    timings: list[dict] = []
+    remaining: list[str] = []
+    plan = [None, *configs_list]
+    for k, cfg in enumerate(plan):
+        label = "float" if cfg is None else cfg.label
+        if label in earlier and not (cfg is None and cache_reference):
+            rows += earlier[label]
+            done[label] = earlier[label]
+            if log:
+                log(f"{label:>24} from the earlier run")
+            continue
+        twin = same_as(cfg)
         if twin is not None and twin.label in done:
-            # OliVe and IQ4_NL search their own scales; the clipping option changes nothing: copy the rows
-            new = [{**r, "config": cfg.label, "clip": True} for r in done[twin.label]]
+            new = [{**r, "config": cfg.label, "clip": bool(cfg.clip), "calibration": cfg.calibration}
+                   for r in done[twin.label]]
             rows += new
             done[cfg.label] = new
             if log:
-                log(f"{cfg.label:>24} same as {twin.label} (the clipping search does not apply)")
+                log(f"{cfg.label:>24} same as {twin.label} (provably the same quantized weights)")
             if on_config is not None:
                 on_config(pd.DataFrame(rows))
             continue
+        if cfg is not None and stop_before is not None and stop_before(cfg, timings):
+            remaining = [c.label for c in plan[k:] if c.label not in done]
+            break
+        if stats is None and cfg is not None and cfg.calibration != "none":
+            stats = _calibrate(base, calibration_windows, calibration_sample, configs_list, log)
         first = len(rows)
+        start = time.perf_counter()
         if cfg is None:
             model, report = base, None
         else:
             model = copy.deepcopy(base)
             report = quantize_(model, cfg, calibration=stats)
-        info = {"config": "float" if cfg is None else cfg.label, **_report_fields(cfg, report),
+        info = {"config": label, **_report_fields(cfg, report),
                 "clip": bool(cfg.clip) if cfg else False, "calibration": cfg.calibration if cfg else "none"}
+        quant_wall = time.perf_counter() - start
+        eval_seconds = 0.0
         for corpus, win in windows.items():
             start = time.perf_counter()
             if cfg is None:  # the reference itself: KL 0, every argmax the same
@@ -242,30 +266,89 @@ def kl_sweep(base, tokenizer, texts: dict[str, str], configs_list, *, seq_len: i
                 sc = E.window_scores(model, win, reference=ref, kl_windows=kl_idx[corpus], batch_size=batch_size,
                                      progress=progress, desc=f"{cfg.label} {corpus}")
             seconds = time.perf_counter() - start
+            eval_seconds += seconds
             for w in range(len(win)):
                 rows.append({"model": model_name, "corpus": corpus, **info, "window": w,
                              "tokens": int(sc.tokens[w]), "nll_sum": float(sc.nll_sum[w]),
                              "kl_sum": float(sc.kl_sum[w]), "top1_same": float(sc.top1_same[w])})
             if log:
-                n, k = sc.tokens.sum().item(), sc.kl_sum.nan_to_num(0).sum().item()
+                n, k_ = sc.tokens.sum().item(), sc.kl_sum.nan_to_num(0).sum().item()
                 kt = sc.tokens[kl_idx[corpus]].sum().item()
                 log(f"{info['config']:>24} {corpus:>10} ppl {math.exp(sc.nll_sum.sum().item() / n):8.3f} "
-                    f"KL {k / kt:.5f} ({seconds:.1f} s, quant {info['quant_seconds']:.1f} s)")
-        done[info["config"]] = rows[first:]
+                    f"KL {k_ / kt:.5f} ({seconds:.1f} s, quant {info['quant_seconds']:.1f} s)")
+        if label in earlier:  # the float model rerun only for its cached logits: keep the earlier rows
+            del rows[first:]
+            rows += earlier[label]
+        done[label] = rows[first:]
         if cfg is not None:
+            timings.append({"config": label, "calibration": cfg.calibration, "quant_seconds": quant_wall,
+                            "eval_seconds": eval_seconds, "passes": search_passes(cfg)})
             del model
         if on_config is not None:
             on_config(pd.DataFrame(rows))
-    return pd.DataFrame(rows)
+    for label, r in earlier.items():  # the earlier run's configurations beyond this plan stay in the table
+        if label not in done:
+            rows += r
+            done[label] = r
+    out = pd.DataFrame(rows)
+    out.attrs["remaining"] = [c for c in remaining if c not in done]
+    return out
 
 
-def _same_as_without_clip(cfg):
-    """The configuration without clip when the clipping option is a no-op for ``cfg``'s data type, else None."""
-    if cfg is None or not cfg.clip or cfg.dtype not in OWN_SCALE_SEARCH:
+def _calibrate(base, calibration_windows, calibration_sample, configs_list, log):
+    """Activation statistics for the calibrated configurations (once per sweep, before the first of them)."""
+    if calibration_windows is None:
+        raise ValueError("calibrated configurations need calibration_windows (token ids of calibration text)")
+    from .calibrate import collect_activation_stats
+
+    start = time.perf_counter()
+    stats = collect_activation_stats(base, calibration_windows, sample_tokens=calibration_sample,
+                                     hessian=any(c.calibration == "gptq" for c in configs_list))
+    if log:
+        log(f"calibration: {calibration_windows.numel()} tokens, {time.perf_counter() - start:.1f} s")
+    return stats
+
+
+def _rows_by_config(previous: pd.DataFrame | None, n_windows: dict[str, int]) -> dict[str, list]:
+    """An earlier run's rows per configuration, only the configurations it finished on every corpus."""
+    if previous is None or previous.empty:
+        return {}
+    out = {}
+    for label, g in previous.groupby("config", sort=False):
+        counts = g.groupby("corpus").window.nunique().to_dict()
+        if counts == n_windows and len(g) == sum(n_windows.values()):
+            out[label] = g.to_dict("records")
+    return out
+
+
+def same_as(cfg):
+    """The configuration whose quantized weights are provably the same as ``cfg``'s (None when there is none):
+    without "+clip" where the method searches its own scales (``quantize.clip_ignored``), then without "+act"
+    where the per-group search has nothing to choose (``quantize.calibration_ignored``)."""
+    if cfg is None:
         return None
     from dataclasses import replace
 
-    return replace(cfg, clip=False)
+    from .quantize import calibration_ignored, clip_ignored
+
+    twin = cfg
+    if twin.clip and clip_ignored(twin.dtype, twin.bits):
+        twin = replace(twin, clip=False)
+    if twin.calibration == "act" and calibration_ignored(twin.dtype, twin.bits, twin.clip):
+        twin = replace(twin, calibration="none")
+    return None if twin == cfg else twin
+
+
+def search_passes(cfg) -> int:
+    """Passes over the weights that quantizing with ``cfg`` costs, for the time budget's estimate: candidate
+    types x scale ratios, plus AWQ's round-to-nearest scale search (20 alphas)."""
+    from .quantize import AWQ_ALPHAS, CLIP_RATIOS, _candidates
+
+    candidates, own = _candidates(cfg.dtype, cfg.bits, 1.0)
+    n = len(candidates) * len(own or (CLIP_RATIOS if cfg.clip else (1.0,)))
+    if cfg.calibration == "awq":
+        n += len(AWQ_ALPHAS) * len(candidates) * len(own or (1.0,))
+    return n
 
 
 def _boot_idx(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -547,6 +630,99 @@ def write_claims(model: str = "smollm2-135m", zero_shot_model: str = "qwen2.5-1.
     return claims
 
 
+# CLI options that say how one call runs, not what the sweep measures (left out of the results' params)
+PER_CALL = ("resume", "max_minutes", "max_configs", "reserve_seconds")
+# params that must match for --resume to continue a windows file: the same model weights, texts and settings
+RESUME_KEYS = ("model", "model_sha256", "texts_sha256", "seq_len_used", "max_windows", "kl_windows", "batch_size",
+               "calib_text_sha256", "calib_windows", "calib_seq_len", "calib_sample", "matmul_precision", "device",
+               "scale", "cache_reference", "tag")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def model_sha256(model: torch.nn.Module) -> str:
+    """sha256 of a model's state dict (names, dtypes, shapes and bytes): two calls are the same sweep only if the
+    float model's weights are bit for bit the same (e.g. a retrained model)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _previous_windows(path: Path, params: dict) -> pd.DataFrame | None:
+    """The windows file of an earlier call of the same sweep (None when there is none); a file from another model,
+    text or setting is an error naming what differs, never silently mixed in."""
+    from .. import results
+
+    if not path.is_file():
+        print(f"effllm: --resume: no {path.name} yet, starting afresh", flush=True)
+        return None
+    df = results.read(path)
+    old = df.attrs["provenance"]["params"]
+    differ = [k for k in RESUME_KEYS if json.dumps(old.get(k), sort_keys=True) != json.dumps(params.get(k), sort_keys=True)]
+    if differ:
+        raise ValueError(f"--resume: {path} was written by another sweep ({', '.join(differ)} differ, e.g. "
+                         f"{differ[0]}: {old.get(differ[0])!r} there, {params.get(differ[0])!r} now); use another "
+                         "--out or --tag, or drop --resume to start afresh")
+    done = list(dict.fromkeys(df.config))
+    print(f"effllm: --resume: {len(done)} configurations in {path.name}: {', '.join(done)}", flush=True)
+    return df
+
+
+class _Budget:
+    """``stop_before`` for ``kl_sweep``: stop before a configuration whose estimated time (its quantization passes
+    times the slowest seconds per pass seen so far in its calibration family, plus the slowest evaluation, plus
+    a minute for the first AWQ or GPTQ configuration)
+    would end past ``max_minutes`` less ``reserve_seconds``; or after ``max_configs`` computed ones. The first
+    configuration of a call always runs (else a long one could never be done)."""
+
+    UNSEEN_SECONDS = 60.0  # added for the first configuration of a calibration (AWQ, GPTQ) not yet timed
+    GPTQ_LOOP_PASSES = 20  # GPTQ's per-column loop, in passes of the group search (a guess; only scales estimates)
+
+    def __init__(self, start: float, max_minutes: float | None, max_configs: int | None, reserve_seconds: float,
+                 log: Callable | None = None):
+        if max_minutes is not None and max_minutes <= 0:
+            raise ValueError(f"--max-minutes must be positive, got {max_minutes}")
+        if max_configs is not None and max_configs < 1:
+            raise ValueError(f"--max-configs must be at least 1, got {max_configs}")
+        self.start, self.max_minutes, self.max_configs = start, max_minutes, max_configs
+        self.reserve, self.log = reserve_seconds, log
+
+    def estimate(self, cfg, timings: list[dict]) -> float:
+        family = lambda c: c if c in ("awq", "gptq") else "rtn"  # noqa: E731 - act costs what none costs
+        same = [t for t in timings if family(t["calibration"]) == family(cfg.calibration)]
+        # seconds = rate x (passes + k): GPTQ's column loop costs about as much whatever the type (k passes' worth)
+        k = self.GPTQ_LOOP_PASSES if cfg.calibration == "gptq" else 0
+        quant = max(t["quant_seconds"] * (search_passes(cfg) + k) / (max(t["passes"], 1) + k) for t in (same or timings))
+        # the first AWQ / GPTQ configuration: its search (AWQ's matmuls, GPTQ's column loop) is not in the passes
+        unseen = self.UNSEEN_SECONDS if not same and family(cfg.calibration) != "rtn" else 0.0
+        return quant + max(t["eval_seconds"] for t in timings) + unseen
+
+    def __call__(self, cfg, timings: list[dict]) -> bool:
+        quantized = timings  # kl_sweep times the quantized configurations only
+        if not quantized:
+            return False
+        if self.max_configs is not None and len(quantized) >= self.max_configs:
+            if self.log:
+                self.log(f"effllm: stopping before {cfg.label}: --max-configs {self.max_configs} done")
+            return True
+        if self.max_minutes is None:
+            return False
+        elapsed = time.perf_counter() - self.start
+        need = self.estimate(cfg, quantized)
+        left = 60 * self.max_minutes - self.reserve - elapsed
+        if need > left:
+            if self.log:
+                self.log(f"effllm: stopping before {cfg.label}: it needs about {need:.0f} s, {max(left, 0):.0f} s "
+                         f"of --max-minutes {self.max_minutes} left")
+            return True
+        return False
+
+
 def _load_model(args):
     if args.model_dir:
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -601,12 +777,23 @@ def main(argv=None) -> int:
     ap.add_argument("--cache-reference", action="store_true",
                     help="keep the float model's logits of the KL windows in memory instead of a second forward "
                          "pass per configuration (~100 MB per 512-token window of a 49k vocabulary)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue the windows file already in --out (same model weights, texts and settings, else "
+                         "an error): its configurations are kept, not recomputed; without one, start afresh")
+    ap.add_argument("--max-minutes", type=float, default=None,
+                    help="time budget from the start of this call: before each configuration, stop (saving the "
+                         "partial tables) when its estimated time would not fit; continue later with --resume")
+    ap.add_argument("--max-configs", type=int, default=None,
+                    help="compute at most this many configurations in this call (then stop as --max-minutes does)")
+    ap.add_argument("--reserve-seconds", type=float, default=30.0,
+                    help="of --max-minutes, kept for the final summary and saving (default 30)")
     ap.add_argument("--zero-shot-bits", default="4,3", help="bit widths of the zero-shot sweep")
     ap.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples")
     ap.add_argument("--summarize", nargs="+", metavar="WINDOWS_CSV", help="only merge these windows files")
     ap.add_argument("--claims", action="store_true", help="only write accuracy_claims (the scorecard rows) from the "
                                                           f"committed {', '.join(CLAIMS_FROM.values())}")
     args = ap.parse_args(argv)
+    call_start = time.perf_counter()
     if args.claims:
         print(write_claims(scale=args.scale, out=Path(args.out)).to_string(), flush=True)
         return 0
@@ -618,9 +805,14 @@ def main(argv=None) -> int:
         df = _merge_windows(frames)
         models = sorted(df.model.unique())
         name = models[0] if len(models) == 1 else "all"
-        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot, **_run_params(frames, df)}
+        partial = [Path(p).name for p, f in zip(args.summarize, frames)
+                   if f.attrs.get("provenance", {}).get("params", {}).get("complete") is False]
+        params = {"files": [Path(p).name for p in args.summarize], "n_boot": args.n_boot, **_run_params(frames, df),
+                  "complete": not partial}
         s = summarize(df, n_boot=args.n_boot)
-        o = orderings(df, n_boot=args.n_boot)
+        o = orderings(df, n_boot=args.n_boot) if not partial else pd.DataFrame()
+        if partial:  # the paper's comparisons only from finished sweeps
+            print(f"effllm: {', '.join(partial)} partial (complete: false): no orderings file", flush=True)
         results.save(s, "bitmod", f"accuracy_{name}{tag}", params=params, scale=args.scale, extra=extra,
                      path=out / f"accuracy_{name}{tag}.csv")
         if not o.empty:
@@ -655,7 +847,7 @@ def main(argv=None) -> int:
     torch.set_float32_matmul_precision(args.matmul_precision)
     load = lambda: _load_model(args)  # noqa: E731
     what = set(args.what.split(","))
-    params = {k: v for k, v in vars(args).items() if k not in ("out", "summarize")}
+    params = {k: v for k, v in vars(args).items() if k not in ("out", "summarize", *PER_CALL)}
     texts = {}
     for spec in args.text:
         name, path = spec.split("=", 1)
@@ -664,33 +856,62 @@ def main(argv=None) -> int:
         base, tok = load()
         seq_len = args.seq_len or E.model_max_length(base)
         calib = None
+        calib_text = Path(args.calib_text).read_text() if args.calib_text else ""
         if set(calibrations) - {"none"}:
-            ids = tok(Path(args.calib_text).read_text(), add_special_tokens=False)["input_ids"]
+            ids = tok(calib_text, add_special_tokens=False)["input_ids"]
             use_bos = E._resolve_bos(tok, "auto")
             calib, _ = E.windows(ids, args.calib_seq_len, tok.bos_token_id if use_bos else None, args.calib_windows)
-        def save_windows(df):
-            results.save(df, "bitmod", f"windows_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
-                         path=out / f"windows_{args.model}{tag}.csv")
-
         calib_methods = tuple(args.calib_methods.split(",")) if args.calib_methods else None
         calib_clips = (tuple(sorted({bool(int(c)) for c in args.calib_clip.split(",") if c}))
                        if args.calib_clip else None)
         cfgs = sweep_configs(methods, bits, clips, calibrations, calib_methods=calib_methods, calib_clips=calib_clips)
+        # what makes two calls the same sweep: the model's weights, the texts, every evaluation setting
+        identity = {"model_sha256": model_sha256(base), "seq_len_used": seq_len,
+                    "texts_sha256": {k: _sha256(v) for k, v in texts.items()},
+                    "calib_text_sha256": _sha256(calib_text) if calib is not None else None}
+        params = {**params, **identity}
+        print(f"effllm: float model sha256 {identity['model_sha256']}", flush=True)
+        windows_path = out / f"windows_{args.model}{tag}.csv"
+        previous = _previous_windows(windows_path, params) if args.resume else None
+        planned = ["float", *(c.label for c in cfgs)]
+
+        def run_params(df):
+            labels = list(dict.fromkeys(df.config))
+            return {**params, "configs_planned": planned, "configs_done": labels,
+                    "complete": all(c in labels for c in planned)}
+
+        def save_windows(df):
+            results.save(df, "bitmod", f"windows_{args.model}{tag}", params=run_params(df), scale=args.scale,
+                         extra=extra, path=windows_path)
+
+        budget = _Budget(call_start, args.max_minutes, args.max_configs, args.reserve_seconds,
+                         log=lambda m: print(m, flush=True))
         df = kl_sweep(base, tok, texts, cfgs, seq_len=seq_len, cache_reference=args.cache_reference,
                       max_windows=args.max_windows, kl_windows=args.kl_windows, calibration_windows=calib,
                       calibration_sample=args.calib_sample, batch_size=args.batch_size, model_name=args.model,
-                      log=lambda m: print(m, flush=True), on_config=save_windows)
+                      log=lambda m: print(m, flush=True), on_config=save_windows, previous=previous,
+                      stop_before=budget)
+        remaining = df.attrs.get("remaining", [])
+        save_windows(df)
+        p = run_params(df)
         s = summarize(df, n_boot=args.n_boot)
-        results.save(s, "bitmod", f"accuracy_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
-                      path=out / f"accuracy_{args.model}{tag}.csv")
-        o = orderings(df, n_boot=args.n_boot)
-        if o.empty:  # e.g. a run of baselines alone: their comparisons come when --summarize merges runs
-            print("no paper comparison within this run's configurations: no orderings file", flush=True)
+        results.save(s, "bitmod", f"accuracy_{args.model}{tag}", params=p, scale=args.scale, extra=extra,
+                     path=out / f"accuracy_{args.model}{tag}.csv")
+        if not p["complete"]:  # the paper's comparisons only from a finished sweep
+            print(f"effllm: partial sweep, {len(p['configs_done'])} of {len(planned)} configurations done; "
+                  f"not done: {', '.join(remaining)}. No orderings file; continue with the same command and "
+                  f"--resume", flush=True)
         else:
-            results.save(o, "bitmod", f"orderings_{args.model}{tag}", params=params, scale=args.scale, extra=extra,
-                         path=out / f"orderings_{args.model}{tag}.csv")
+            o = orderings(df, n_boot=args.n_boot)
+            if o.empty:  # e.g. a run of baselines alone: their comparisons come when --summarize merges runs
+                print("no paper comparison within this run's configurations: no orderings file", flush=True)
+            else:
+                results.save(o, "bitmod", f"orderings_{args.model}{tag}", params=p, scale=args.scale, extra=extra,
+                             path=out / f"orderings_{args.model}{tag}.csv")
         print(s[["corpus", "config", "bits_per_weight", "ppl", "ppl_lo", "ppl_hi", "kl", "kl_lo", "kl_hi"]]
               .to_string(), flush=True)
+        print(f"effllm: {'complete' if p['complete'] else 'PARTIAL'} after {time.perf_counter() - call_start:.0f} s",
+              flush=True)
         del base
     if "ppl" in what:
         df = perplexity_sweep(load, texts, methods=methods, bits=bits, seq_len=args.seq_len,

@@ -130,6 +130,54 @@ def round_to_values(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return values[torch.bucketize(x, mids)]
 
 
+def round_to_grid(x: torch.Tensor, values: tuple[float, ...]) -> torch.Tensor:
+    """``round_to_values(x, torch.tensor(values))`` for a value set given as a sorted tuple of floats: the same
+    operations on the same numbers, but the look-up table (or the values and midpoints) live on ``x``'s device
+    once per device and dtype, so a call makes no host-device copy and no synchronisation. On a GPU each of
+    those costs a full wait for the queue (milliseconds on the device machine), and the quantizers round
+    thousands of chunks."""
+    lut, kmin, kmax, vals, mids = _grid_on(tuple(values), x.device, x.dtype)
+    if lut is not None:
+        k = (torch.ceil(x * 2).clamp_(kmin, kmax) - kmin).to(torch.int32)
+        return lut.index_select(0, k.flatten()).view_as(x)
+    return vals[torch.bucketize(x, mids)]
+
+
+@lru_cache(maxsize=256)
+def _grid_on(values: tuple[float, ...], device: torch.device, dtype: torch.dtype):
+    """(table, kmin, kmax, None, None) of ``_half_step_table`` on ``device``, or (None, 0, 0, values, midpoints)
+    there for a grid without one, computed as ``round_to_values`` computes them."""
+    if len(values) < 2 or list(values) != sorted(values):
+        raise ValueError("values must be a sorted tuple of at least two entries")
+    vals = torch.tensor(values, device=device, dtype=dtype)
+    table = _half_step_table(tuple(vals.tolist()))
+    if table is not None:
+        lut, kmin, kmax = table
+        return lut.to(device=device, dtype=dtype), kmin, kmax, None, None
+    return None, 0, 0, vals, (vals[1:] + vals[:-1]) / 2
+
+
+def grid_tensor(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.tensor(values, device=device, dtype=dtype)``, made once per device and dtype (do not modify it)."""
+    return _tensor_on(tuple(values), device, dtype)
+
+
+@lru_cache(maxsize=256)
+def _tensor_on(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+def grid_max_abs(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``torch.tensor(values).abs().max()`` on ``device`` (a 0-d tensor, cached): dividing by it, rather than by a
+    Python float, keeps the GPU from multiplying by a rounded reciprocal instead."""
+    return _max_abs_on(tuple(values), device, dtype)
+
+
+@lru_cache(maxsize=256)
+def _max_abs_on(values: tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor(values, device=device, dtype=dtype).abs().max()
+
+
 @lru_cache(maxsize=64)
 def _half_step_table(values: tuple[float, ...]):
     """(table, kmin, kmax) when every midpoint of ``values`` is a multiple of 1/2 (true of all the grids

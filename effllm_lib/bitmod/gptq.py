@@ -20,6 +20,7 @@ the per-column rounding reproduces every data type.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 
 import torch
 
@@ -49,6 +50,11 @@ def _select(x: torch.Tensor, candidates, ratios) -> tuple[torch.Tensor, torch.Te
     return best_c, best_r
 
 
+@lru_cache(maxsize=64)
+def _value_tuples(dtype: str, bits: int):
+    return Q._absmax_value_tuples(dtype, bits)
+
+
 class _GroupRounder:
     """Rounds single columns of one group onto the value sets chosen for its rows (one scale per row, and for
     selection methods one grid per row)."""
@@ -59,7 +65,9 @@ class _GroupRounder:
         ratios = list(own or ratios)
         cand, rat = _select(x, candidates, ratios)
         self.ids = cand.to(torch.int8) if dtype in Q._SELECTION else None
-        ratio = torch.tensor(ratios, dtype=x.dtype, device=x.device)[rat].unsqueeze(-1)  # [rows, 1]
+        # every constant below comes from a per-device cache: a fresh tensor per group would be a host-to-device
+        # copy, and a .item() a device-to-host one, each a full GPU sync (milliseconds on the device machine)
+        ratio = dt.grid_tensor(tuple(ratios), x.device, x.dtype)[rat].unsqueeze(-1)  # [rows, 1]
         amax = x.abs().amax(-1, keepdim=True)
         # the scales below repeat quantize.py's arithmetic operation for operation (so H = I gives RTN exactly)
         if dtype == "int_asym":
@@ -73,28 +81,27 @@ class _GroupRounder:
             qmax = 2 ** (bits - 1) - 1
             self.scale = amax * ratio / qmax
             self.safe = torch.where(self.scale > 0, self.scale, torch.ones_like(self.scale))
-            self.normal = dt.int_grid(bits).tensor(x.device, x.dtype)
-            self.mags = torch.tensor(Q.OLIVE_OUTLIER_MAGNITUDES[bits], device=x.device, dtype=x.dtype)
-            self.threshold = (qmax + self.mags[0].item()) / 2
+            self.normal = dt.int_grid(bits).values
+            self.mags = Q.OLIVE_OUTLIER_MAGNITUDES[bits]
+            self.threshold = (qmax + self.mags[0]) / 2
             self.role = None  # the pair's roles for the second column: 0 normal, 1 outlier, 2 victim
         elif dtype == "mxfp":
-            values = dt.fp_grid(bits).tensor(x.device, x.dtype)
+            values = dt.grid_tensor(dt.fp_grid(bits).values, x.device, x.dtype)
             a = amax * ratio
-            emax = math.floor(math.log2(values.abs().max().item()))
+            emax = math.floor(math.log2(dt.fp_grid(bits).max_abs))
             exponent = torch.floor(torch.log2(torch.where(a > 0, a, torch.ones_like(a)))) - emax
             self.scale = torch.where(a > 0, torch.exp2(exponent), torch.zeros_like(a))
             self.grids = [values]
         elif dtype == "nvfp":
-            values = dt.fp_grid(bits).tensor(x.device, x.dtype)
-            vmax = values.abs().max()
-            tensor_scale = tensor_amax / (vmax.item() * 448.0) if tensor_amax > 0 else 1.0
+            values = dt.grid_tensor(dt.fp_grid(bits).values, x.device, x.dtype)
+            vmax = dt.grid_max_abs(dt.fp_grid(bits).values, x.device, x.dtype)
+            tensor_scale = tensor_amax / (float(dt.fp_grid(bits).max_abs) * 448.0) if tensor_amax > 0 else 1.0
             self.scale = dt.round_to_e4m3(amax * ratio / vmax / tensor_scale) * tensor_scale
             self.grids = [values]
         elif dtype == "iq4_nl":
             self.d = Q._iq4_nl_scale(x)
         else:  # absmax types: one or more grids
-            sets = Q._absmax_value_sets(dtype, bits)
-            self.grids = [v.to(x.device, x.dtype) for v in sets]
+            self.grids = [dt.grid_tensor(v, x.device, x.dtype) for v in _value_tuples(dtype, bits)]
             vmax = torch.stack([v.abs().max() for v in self.grids])[cand].unsqueeze(-1)
             self.scale = amax / vmax * ratio
             self.cand = cand
@@ -142,8 +149,8 @@ class _GroupRounder:
             role = role0
         else:
             role = self.role
-        q_out = torch.sign(y) * dt.round_to_values(y.abs(), self.mags)
-        q_normal = dt.round_to_values(y, self.normal)
+        q_out = torch.sign(y) * dt.round_to_grid(y.abs(), self.mags)
+        q_normal = dt.round_to_grid(y, self.normal)
         q = torch.where(role == 1, q_out, torch.where(role == 2, torch.zeros_like(y), q_normal))
         return q * scale
 

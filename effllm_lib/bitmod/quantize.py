@@ -60,6 +60,7 @@ import math
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from typing import Callable
 
 import pandas as pd
@@ -158,14 +159,21 @@ class BitMoDConfig:
 # A candidate is a function (x [..., g], ratio, importance weights or None) -> dequantized x: one data type whose
 # scale is ``ratio`` times its closed-form (absmax / min-max) scale (only IQ4_NL's own search uses the weights). ``_search`` keeps, per group, the (candidate, ratio) pair with the
 # lowest (optionally activation-weighted) squared error; ratio 1 alone is plain round-to-nearest.
-def _absmax(x: torch.Tensor, values: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
+def _absmax(x: torch.Tensor, values: tuple[float, ...], ratio: float = 1.0) -> torch.Tensor:
     """Scale = ratio * absmax(group) / max|values|, round to the nearest value (values beyond the clipped range
-    saturate); all-zero groups stay zero."""
-    scale = x.abs().amax(-1, keepdim=True) / values.abs().max()
+    saturate); all-zero groups stay zero. ``values``: the sorted grid as a tuple (a tensor is accepted too)."""
+    values = _as_tuple(values)
+    scale = x.abs().amax(-1, keepdim=True) / dt.grid_max_abs(values, x.device, x.dtype)
     if ratio != 1.0:
         scale = scale * ratio
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return dt.round_to_values(x / safe, values) * scale
+    return dt.round_to_grid(x / safe, values) * scale
+
+
+def _as_tuple(values) -> tuple[float, ...]:
+    """A grid as the hashable tuple the device caches key on (``values.tolist()`` of a tensor: one sync, so the
+    quantizers themselves pass tuples)."""
+    return tuple(values.tolist()) if isinstance(values, torch.Tensor) else tuple(values)
 
 
 def _int_asym(x: torch.Tensor, bits: int, ratio: float = 1.0) -> torch.Tensor:
@@ -182,31 +190,33 @@ def _int_asym(x: torch.Tensor, bits: int, ratio: float = 1.0) -> torch.Tensor:
     return torch.where(scale > 0, (q - zero) * scale, x)  # a constant group is stored exactly by its zero point
 
 
-def _mx(x: torch.Tensor, values: torch.Tensor, ratio: float = 1.0) -> torch.Tensor:
+def _mx(x: torch.Tensor, values: tuple[float, ...], ratio: float = 1.0) -> torch.Tensor:
     """OCP micro-scaling: shared scale 2^(floor(log2 amax) - emax of the element type); elements saturate.
     A clipping ratio shrinks amax before the exponent is taken (so it can only move the scale down a power of 2)."""
     amax = x.abs().amax(-1, keepdim=True)
     if ratio != 1.0:
         amax = amax * ratio
-    emax = math.floor(math.log2(values.abs().max().item()))
+    values = _as_tuple(values)
+    emax = math.floor(math.log2(max(abs(v) for v in values)))
     exponent = torch.floor(torch.log2(torch.where(amax > 0, amax, torch.ones_like(amax)))) - emax
     scale = torch.where(amax > 0, torch.exp2(exponent), torch.zeros_like(amax))
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return dt.round_to_values(x / safe, values) * scale
+    return dt.round_to_grid(x / safe, values) * scale
 
 
-def _nvfp(x: torch.Tensor, values: torch.Tensor, tensor_amax: float, ratio: float = 1.0) -> torch.Tensor:
+def _nvfp(x: torch.Tensor, values: tuple[float, ...], tensor_amax: float, ratio: float = 1.0) -> torch.Tensor:
     """NVFP4: block scale absmax/max|values| stored in FP8-E4M3 relative to a per-tensor FP32 scale that maps
     the tensor's largest block scale onto E4M3's largest value (448). A clipping ratio scales the block scale
     before it is rounded to E4M3."""
-    vmax = values.abs().max()
-    tensor_scale = tensor_amax / (vmax.item() * 448.0) if tensor_amax > 0 else 1.0
+    values = _as_tuple(values)
+    vmax = dt.grid_max_abs(values, x.device, x.dtype)
+    tensor_scale = tensor_amax / (float(max(abs(v) for v in values)) * 448.0) if tensor_amax > 0 else 1.0
     amax = x.abs().amax(-1, keepdim=True)
     if ratio != 1.0:
         amax = amax * ratio
     block = dt.round_to_e4m3(amax / vmax / tensor_scale) * tensor_scale
     safe = torch.where(block > 0, block, torch.ones_like(block))
-    return dt.round_to_values(x / safe, values) * block
+    return dt.round_to_grid(x / safe, values) * block
 
 
 # OliVe's outlier magnitudes (in units of the normal-value scale): an "adaptive biased float" whose range starts
@@ -216,11 +226,13 @@ OLIVE_OUTLIER_MAGNITUDES = {4: (8.0, 12.0, 16.0, 24.0, 32.0, 48.0, 64.0, 96.0), 
 OLIVE_SCALE_CANDIDATES = 12
 
 
-def _olive_ratios(bits: int) -> list[float]:
+@lru_cache(maxsize=4)
+def _olive_ratios(bits: int) -> tuple[float, ...]:
     """OliVe's own scale search: normal scale = ratio * absmax / qmax for ratios log-spaced from 1 (plain INT,
     no outliers) down to qmax / (largest outlier magnitude) (the absmax lands on the largest outlier value)."""
     qmax = 2 ** (bits - 1) - 1
-    return torch.logspace(0, math.log10(qmax / OLIVE_OUTLIER_MAGNITUDES[bits][-1]), OLIVE_SCALE_CANDIDATES).tolist()
+    return tuple(torch.logspace(0, math.log10(qmax / OLIVE_OUTLIER_MAGNITUDES[bits][-1]),
+                                OLIVE_SCALE_CANDIDATES).tolist())
 
 
 def _olive(x: torch.Tensor, bits: int, ratio: float) -> torch.Tensor:
@@ -234,9 +246,9 @@ def _olive(x: torch.Tensor, bits: int, ratio: float) -> torch.Tensor:
     error than INT-sym); the optional clipping search of the other types changes nothing for OliVe.
     """
     qmax = 2 ** (bits - 1) - 1
-    normal = dt.int_grid(bits).tensor(x.device, x.dtype)
-    mags = torch.tensor(OLIVE_OUTLIER_MAGNITUDES[bits], device=x.device, dtype=x.dtype)
-    threshold = (qmax + mags[0].item()) / 2  # midpoint between the largest normal and smallest outlier value
+    normal = dt.int_grid(bits).values
+    mags = OLIVE_OUTLIER_MAGNITUDES[bits]
+    threshold = (qmax + mags[0]) / 2  # midpoint between the largest normal and smallest outlier value
     scale = x.abs().amax(-1, keepdim=True) * ratio / qmax
     safe = torch.where(scale > 0, scale, torch.ones_like(scale))
     y = (x / safe).unflatten(-1, (-1, 2))
@@ -246,8 +258,8 @@ def _olive(x: torch.Tensor, bits: int, ratio: float) -> torch.Tensor:
     keep1 = out[..., 1] & ~keep0
     keep = torch.stack([keep0, keep1], -1)
     victim = (keep0 | keep1).unsqueeze(-1) & ~keep
-    q_out = torch.sign(y) * dt.round_to_values(mag, mags)
-    q = torch.where(keep, q_out, torch.where(victim, torch.zeros_like(y), dt.round_to_values(y, normal)))
+    q_out = torch.sign(y) * dt.round_to_grid(mag, mags)
+    q = torch.where(keep, q_out, torch.where(victim, torch.zeros_like(y), dt.round_to_grid(y, normal)))
     return q.flatten(-2) * scale
 
 
@@ -278,16 +290,22 @@ def _iq4_nl(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[to
     return _iq4_nl_round(x, d), d.to(torch.float16).to(x.dtype)
 
 
+@lru_cache(maxsize=16)
+def _iq4_values(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """IQ4_NL's levels on ``device``, made once (a fresh copy per call is a host-to-device copy: a GPU sync)."""
+    return torch.tensor(IQ4_NL_VALUES, dtype=dtype, device=device)
+
+
 def _iq4_nl_round(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """IQ4_NL codes of ``x`` for the unrounded scale ``d`` (llama.cpp rounds with 1/d), dequantized with d in FP16."""
-    values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
+    values = _iq4_values(x.device, x.dtype)
     inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
     return values[_nearest_index_ties_up(inv * x, values)] * d.to(torch.float16).to(x.dtype)
 
 
 def _iq4_nl_scale(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     """The (unrounded) scale d per group of ``_iq4_nl``'s search."""
-    values = torch.tensor(IQ4_NL_VALUES, dtype=x.dtype, device=x.device)
+    values = _iq4_values(x.device, x.dtype)
     if importance is None:
         w = x * x
     else:
@@ -349,18 +367,18 @@ def _candidates(dtype: str, bits: int, tensor_amax: float) -> tuple[list[Callabl
     """The candidate quantizers of one method, and the scale ratios the method itself always searches
     (None: only what the clipping option asks for)."""
     if dtype in _SELECTION:
-        return [lambda x, r, w, v=g: _absmax(x, v.tensor(x.device, x.dtype), r) for g in _SELECTION[dtype](bits)], None
+        return [lambda x, r, w, v=g.values: _absmax(x, v, r) for g in _SELECTION[dtype](bits)], None
     if dtype == "int_asym":
         return [lambda x, r, w: _int_asym(x, bits, r)], None
     if dtype == "olive":
         return [lambda x, r, w: _olive(x, bits, r)], _olive_ratios(bits)
     if dtype in ("mxfp", "nvfp"):
-        values = dt.fp_grid(bits).tensor()
+        values = dt.fp_grid(bits).values
         if dtype == "mxfp":
-            return [lambda x, r, w: _mx(x, values.to(x.device, x.dtype), r)], None
-        return [lambda x, r, w: _nvfp(x, values.to(x.device, x.dtype), tensor_amax, r)], None
+            return [lambda x, r, w: _mx(x, values, r)], None
+        return [lambda x, r, w: _nvfp(x, values, tensor_amax, r)], None
     if dtype == "nf4":
-        return [lambda x, r, w: _absmax(x, NF4.tensor(x.device, x.dtype), r)], None
+        return [lambda x, r, w: _absmax(x, NF4.values, r)], None
     if dtype == "iq4_nl":  # its own scale search; the importance weights are bound per call in quantize_tensor
         return [lambda x, r, w: _iq4_nl(x, w)[0]], [1.0]
     if dtype in _KQUANT_BITS:  # their own scale fits (llama.cpp's reference quantizers, no importance matrix)
@@ -369,8 +387,33 @@ def _candidates(dtype: str, bits: int, tensor_amax: float) -> tuple[list[Callabl
         fn = kquants.q4_k if dtype == "q4_k" else kquants.q3_k
         return [lambda x, r, w: fn(x)], [1.0]
     name = {"int": f"int{bits}", "fp": f"fp{bits}", "flint": "flint4"}.get(dtype, dtype.replace("fp", f"fp{bits}"))
-    values = dt.grid(name).tensor()
-    return [lambda x, r, w: _absmax(x, values.to(x.device, x.dtype), r)], None
+    values = dt.grid(name).values
+    return [lambda x, r, w: _absmax(x, values, r)], None
+
+
+def clip_ignored(dtype: str, bits: int) -> bool:
+    """True when ``clip`` cannot change what ``quantize_tensor`` (and GPTQ) computes for ``dtype``: the method
+    searches its own scales (OliVe, IQ4_NL, the k-quants), so its ratio list replaces ``CLIP_RATIOS``."""
+    return _candidates(dtype, bits, 1.0)[1] is not None
+
+
+def calibration_ignored(dtype: str, bits: int, clip: bool) -> bool:
+    """True when ``calibration="act"`` cannot change the weights ``quantize_tensor`` returns: the per-group
+    search has exactly one (candidate, ratio) pair, so the activation weights only scale an error that nothing
+    is compared against, and the candidate itself does not read them (IQ4_NL's scale fit does). E.g. INT-asym,
+    NF4, INT, FP, MX, NV without clipping, and the k-quants always."""
+    candidates, own = _candidates(dtype, bits, 1.0)
+    ratios = own or (CLIP_RATIOS if clip else (1.0,))
+    return len(candidates) == 1 and len(ratios) == 1 and dtype not in _READS_IMPORTANCE
+
+
+_READS_IMPORTANCE = ("iq4_nl",)  # candidates whose quantizer itself uses the importance weights
+
+
+def _absmax_value_tuples(dtype: str, bits: int) -> list[tuple[float, ...]] | None:
+    """``_absmax_value_sets`` as tuples of floats (what the per-device caches key on)."""
+    sets = _absmax_value_sets(dtype, bits)
+    return None if sets is None else [tuple(v.tolist()) for v in sets]
 
 
 def _absmax_value_sets(dtype: str, bits: int) -> list[torch.Tensor] | None:
@@ -404,6 +447,9 @@ def _fast_search(dtype: str, bits: int, device: torch.device, work_dtype: torch.
 
 
 # ---------------------------------------------------------------------------------------------- one tensor
+# On a GPU, chunks of at least this many weights x ratios (~1 GB of temporaries): the work per chunk is tiny and
+# small chunks leave the GPU waiting on kernel launches.
+GPU_CHUNK_ELEMENTS = 1 << 25
 @dataclass
 class TensorQuant:
     """The dequantized weight, per-group type ids (selection methods only) and the group count."""
@@ -416,7 +462,7 @@ class TensorQuant:
 @torch.no_grad()
 def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group_size: int = 128,
                     chunk_elements: int = 1 << 22, *, clip: bool = False,
-                    col_weight: torch.Tensor | None = None, search: str = "auto") -> TensorQuant:
+                    col_weight: torch.Tensor | None = None, search: str = "auto", check: bool = True) -> TensorQuant:
     """Fake-quantize a 2-D weight ``[rows, in_features]`` in groups along the last dimension.
 
     Returns the dequantized weight (same shape and dtype as ``w``), the chosen type index per group
@@ -426,20 +472,22 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
     and the clipping search (the activation second moments of calibration text: an importance matrix).
     ``search``: "auto" runs the per-group search in C (``group_search``) for the absmax types and INT-asym on
     CPU float32 weights, "torch" always in torch (the reference the C search is tested against).
+    ``check=False`` skips the finiteness checks of ``w`` and ``col_weight`` (each a host read, i.e. a GPU sync):
+    for callers that checked them already (``quantize_`` checks every layer at once).
     """
     cfg = BitMoDConfig(bits=bits, group_size=group_size, dtype=dtype, chunk_elements=chunk_elements, clip=clip)
     if not isinstance(w, torch.Tensor) or w.ndim != 2:
         raise ValueError(f"expected a 2-D weight tensor, got {getattr(w, 'shape', type(w))}")
     if not torch.is_floating_point(w):
         raise TypeError(f"expected a floating-point weight, got {w.dtype}")
-    if not torch.isfinite(w).all():
+    if check and not torch.isfinite(w).all():
         raise ValueError("weight contains NaN or infinity")
     rows, cols = w.shape
     work_dtype = torch.promote_types(w.dtype, torch.float32)  # bf16/fp16 weights are quantized in float32
     if col_weight is not None:
         if not isinstance(col_weight, torch.Tensor) or col_weight.shape != (cols,):
             raise ValueError(f"col_weight must be a tensor of shape ({cols},), got {getattr(col_weight, 'shape', None)}")
-        if not torch.isfinite(col_weight).all() or (col_weight < 0).any():
+        if check and not (torch.isfinite(col_weight) & (col_weight >= 0)).all():  # one host read, not two
             raise ValueError("col_weight must be finite and non-negative")
         col_weight = col_weight.to(w.device, work_dtype)
     g = cfg.effective_group_size
@@ -453,13 +501,16 @@ def quantize_tensor(w: torch.Tensor, bits: int = 4, dtype: str = "bitmod", group
     full, tail = divmod(cols, g)
     if dtype == "olive" and tail % 2:
         raise ValueError(f"OliVe needs an even last group; in_features {cols} mod group {g} = {tail}")
-    candidates, own_ratios = _candidates(dtype, bits, float(w.abs().max()))
+    # NVFP's per-tensor scale is the only use of the tensor's absmax: read it back (a GPU sync) only then
+    candidates, own_ratios = _candidates(dtype, bits, float(w.abs().max()) if dtype == "nvfp" else 0.0)
     ratios = own_ratios or (CLIP_RATIOS if clip else (1.0,))
     fast = _fast_search(dtype, bits, w.device, work_dtype) if search == "auto" else None
     if search not in ("auto", "torch"):
         raise ValueError(f"search must be 'auto' (C where it applies) or 'torch', got {search!r}")
     out = torch.empty_like(w)
     ids = torch.empty(rows, full + (tail > 0), dtype=torch.int8, device=w.device) if dtype in _SELECTION else None
+    if w.device.type != "cpu":  # few large chunks: each costs ~25 kernel launches per candidate and ratio
+        chunk_elements = max(chunk_elements, GPU_CHUNK_ELEMENTS)
     step = max(1, chunk_elements // max(cols, 1) // len(ratios))
     for r0 in range(0, rows, step):
         chunk = w[r0:r0 + step].to(work_dtype)
@@ -567,14 +618,21 @@ def _awq_scale(weights: list[torch.Tensor], stats, config: BitMoDConfig) -> tupl
     search quantizes by round to nearest; the clipping search comes after, on the chosen scale."""
     x = stats.sample.to(weights[0].device, torch.float32)
     refs = [x @ w.t() for w in weights]
-    best = (None, float("nan"), float("inf"))
+    scales, errs = [], []
     for alpha in AWQ_ALPHAS:
         s = stats.abs_mean.to(x.device).pow(alpha).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
+        scales.append(s)
+        errs.append(torch.stack([(x @ (quantize_tensor(w * s, config.bits, config.dtype, config.group_size,
+                                                          config.chunk_elements, check=False).weight / s).t()
+                                       - ref).pow(2).mean()
+                                 for w, ref in zip(weights, refs)]))
+    best = (None, float("nan"), float("inf"))
+    # the errors read back once (each read is a GPU sync), then summed per alpha in double as before
+    for s, alpha, per_layer in zip(scales, AWQ_ALPHAS, torch.stack(errs).tolist()):
         err = 0.0
-        for w, ref in zip(weights, refs):
-            wq = quantize_tensor(w * s, config.bits, config.dtype, config.group_size, config.chunk_elements).weight / s
-            err += float((x @ wq.t() - ref).pow(2).mean())
+        for e in per_layer:
+            err += e
         if err < best[2]:
             best = (s, alpha, err)
     return best[0], best[1]
@@ -602,6 +660,25 @@ def _gptq_layers(targets, calibration, config: BitMoDConfig) -> dict:
                                     per_row * m.shape[0])
             r0 = r1
     return out
+
+
+def _check_finite(targets, calibration) -> None:
+    """Every target's weight finite and (calibrated) its activation second moments finite and non-negative, in
+    one host read for all layers; the error names the first bad layer."""
+    oks = []
+    for name, module in targets:
+        w = _weight_2d(module)
+        ok = torch.isfinite(w).all()
+        if calibration is not None:
+            cw = calibration[name].sq_mean
+            ok = ok & (torch.isfinite(cw) & (cw >= 0)).all().to(ok.device)
+        oks.append(ok.to(targets[0][1].weight.device))
+    good = torch.stack(oks).tolist()
+    for (name, _), g in zip(targets, good):
+        if not g:
+            raise ValueError(f"layer {name}: weight contains NaN or infinity"
+                             + (" (or its calibration statistics are not finite and non-negative)"
+                                if calibration is not None else ""))
 
 
 def _weight_2d(module: nn.Module) -> torch.Tensor:
@@ -670,6 +747,7 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
                                  "embedding too. Use untie_embeddings=True or include_lm_head=False.")
             untied = _untie_lm_head(model, lm_head)
 
+    _check_finite(targets, calibration if config.calibration != "none" else None)
     scales, alphas = {}, {}
     if config.calibration == "awq":  # one scale per group of layers reading the same tensor
         groups: dict[str, list] = {}
@@ -684,7 +762,7 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
     gptq_done = _gptq_layers(targets, calibration, config) if config.calibration == "gptq" else {}
     names = candidate_names(config.dtype, config.bits)
     counts: Counter = Counter()
-    rows, code_bits, meta_bits, tensors = [], 0.0, 0.0, 0
+    rows, pending, code_bits, meta_bits, tensors = [], [], 0.0, 0.0, 0
     meta = metadata_bits_per_group(config.dtype, config.bits, config.accounting)
     for name, module in targets:
         w = _weight_2d(module)
@@ -694,26 +772,21 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         elif name in scales:
             s = scales[name].to(w.device)
             res = quantize_tensor(w.float() * s, config.bits, config.dtype, config.group_size, config.chunk_elements,
-                                  clip=config.clip, col_weight=col_weight / s.pow(2))
+                                  clip=config.clip, col_weight=col_weight / s.pow(2), check=False)
             res.weight = (res.weight / s).to(w.dtype)
         else:
             res = quantize_tensor(w, config.bits, config.dtype, config.group_size, config.chunk_elements,
-                                  clip=config.clip, col_weight=col_weight)
+                                  clip=config.clip, col_weight=col_weight, check=False)
+        # the layer's statistics stay on the device until all layers are done: one read-back (a GPU sync) in all
         diff = (res.weight.float() - w.float())
-        mse = float(diff.pow(2).mean())
-        power = float(w.float().pow(2).mean())
-        row = {"layer": name, "rows": w.shape[0], "cols": w.shape[1], "numel": w.numel(), "mse": mse,
-               "rel_mse": mse / power if power > 0 else float("nan"), "groups": res.n_groups}
+        stats = [diff.pow(2).mean(), w.float().pow(2).mean()]
         if col_weight is not None:  # the calibration-weighted error: mean over outputs of E[(dW x)^2] (diagonal)
-            row["act_mse"] = float((diff.pow(2) * col_weight.float()).sum(1).mean())
-        if name in alphas:
-            row["awq_alpha"] = alphas[name]
-        if res.type_ids is not None:
-            layer_counts = torch.bincount(res.type_ids.flatten().long(), minlength=len(names)).tolist()
-            for n, c in zip(names, layer_counts):
-                row[n] = c
-                counts[n] += c
-        rows.append(row)
+            stats.append((diff.pow(2) * col_weight.float()).sum(1).mean())
+        if res.type_ids is not None:  # groups per candidate type (bincount would sync for its output size)
+            ids_flat = res.type_ids.flatten().long().unsqueeze(1)
+            stats += list((ids_flat == torch.arange(len(names), device=w.device)).sum(0).unbind())
+        pending.append(torch.stack([t.to(torch.float64) for t in stats]))
+        rows.append({"layer": name, "rows": w.shape[0], "cols": w.shape[1], "numel": w.numel(), "groups": res.n_groups})
         w.copy_(res.weight)  # a view of the parameter: writes through (transposed back for Conv1D)
         code_bits += config.bits * w.numel()
         if config.dtype in _KQUANT_BITS:  # exact, a short last super-block included
@@ -725,6 +798,20 @@ def quantize_(model: nn.Module, config: BitMoDConfig, calibration: dict | None =
         tensors += 1
     if config.dtype == "nvfp":
         meta_bits += NVFP_TENSOR_SCALE_BITS * tensors
+    flat, i = torch.cat(pending).tolist(), 0  # the one read-back of every layer's statistics
+    for k, (part, r) in enumerate(zip(pending, rows)):
+        vals, i = flat[i:i + len(part)], i + len(part)
+        mse, power, rest = vals[0], vals[1], vals[2:]
+        row = {"layer": r["layer"], "rows": r["rows"], "cols": r["cols"], "numel": r["numel"], "mse": mse,
+               "rel_mse": mse / power if power > 0 else float("nan"), "groups": r["groups"]}
+        if config.calibration != "none":
+            row["act_mse"], rest = rest[0], rest[1:]
+        if r["layer"] in alphas:
+            row["awq_alpha"] = alphas[r["layer"]]
+        for n, c in zip(names, rest):
+            row[n] = int(c)
+            counts[n] += int(c)
+        rows[k] = row
     layers_df = pd.DataFrame(rows)
     total = float(layers_df.numel.sum())
     report = QuantReport(
