@@ -29,7 +29,7 @@ def test_main_refuses_an_unknown_method_and_a_missing_file(tmp_path):
                        "--what", "ppl", "--out", str(tmp_path)])
 
 
-def tiny_model_dir(tmp_path):
+def tiny_model_dir(tmp_path, hidden=128):
     """A small random Llama with SmolLM2's tokenizer, saved as a transformers folder (what train_lm writes)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -38,7 +38,7 @@ def tiny_model_dir(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(hf_dir("smollm2-135m"))
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
     folder = tmp_path / "tiny"
     LlamaForCausalLM(cfg).save_pretrained(folder)

@@ -132,21 +132,13 @@ def test_budget_estimate_and_first_configuration():
         A._Budget(0.0, 0, None, 0)
 
 
+from test_bitmod_accuracy_cli import tiny_model_dir  # noqa: E402
+
+
 # ------------------------------------------------------------------------------------------------- the CLI
 def _model_dir(tmp_path):
-    """A 1-layer Llama of hidden 32 with SmolLM2's tokenizer, saved as a transformers folder."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from effllm_lib.models import hf_dir
-
-    tok = AutoTokenizer.from_pretrained(hf_dir("smollm2-135m"))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
-    folder = tmp_path / "tiny"
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
-    return folder
+    """A 1-layer Llama of hidden 32 with SmolLM2's tokenizer (test_bitmod_accuracy_cli's, smaller)."""
+    return tiny_model_dir(tmp_path, hidden=32)
 
 
 @pytest.mark.slow  # ~40 s: two runs of 7 configurations, each quantizing a 49152 x 32 head

@@ -14,17 +14,10 @@ import torch
 from effllm_lib.sparse.kv_cache import (PackedKV, SparseKVCache, SparseKVConfig, SparseKVLayer, available_kv_kernels,
                                         pack_kv, prune_kv, sparse_kv_attention)
 
+from test_sparse_kv import reference_attention  # noqa: E402  (the float64 reference, shared)
+
 KERNELS = list(available_kv_kernels())
 KERNEL_DIR = Path(__file__).resolve().parents[1] / "effllm_lib" / "sparse" / "kernels"
-
-
-def reference_attention(q, k, v, k_tail, v_tail, scale):
-    """float64 softmax(scale q K^T) V per query head over [K; K_tail], [V; V_tail] (GQA: head i -> i // g)."""
-    g = q.shape[0] // k.shape[0]
-    keys = torch.cat([k.double(), k_tail.double()], 1)
-    vals = torch.cat([v.double(), v_tail.double()], 1)
-    return torch.stack([torch.softmax(scale * (q[i].double() @ keys[i // g].T), -1) @ vals[i // g]
-                        for i in range(q.shape[0])])
 
 
 @pytest.mark.parametrize("h,s,d", [(3, 100, 64), (1, 37, 256), (8, 1, 16), (2, 33, 48)])
