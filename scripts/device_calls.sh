@@ -13,10 +13,13 @@
 # Timing parts (kv_*) must run alone on the machine. Every part copies its results and log under $OUT.
 #
 #   PART=kv_e2e SCALE=ci KV_KERNEL=auto PATH=.venv/bin:$PATH bash scripts/device_calls.sh   # dry run here (ci/)
+#   PART=bitmod_train SCALE=ci PRESET=ci DEVICE=cpu PATH=.venv/bin:$PATH bash scripts/device_calls.sh
 set -uo pipefail
 PART=${PART:?set PART to kv_e2e, kv_attention, bitmod_train or bitmod_more}
 SCALE=${SCALE:-full}
 TAG=${TAG:-h200all}
+PRESET=${PRESET:-100m}       # a dry run on CPU: PRESET=ci DEVICE=cpu SCALE=ci
+DEVICE=${DEVICE:-cuda}
 KV_KERNEL=${KV_KERNEL:-avx512}   # the Xeon's; a dry run on another CPU: KV_KERNEL=auto
 OUT=${OUT:-/tmp/device_calls_out}
 mkdir -p "$OUT"
@@ -31,7 +34,7 @@ bitmod_sweep() {   # $1: calibrations, $2: minutes left for the sweep
   python -m effllm_lib.bitmod.accuracy --model wiki-llama-100m --model-dir "$MODEL" \
     --text "wikipedia_heldout=$MODEL/heldout.txt" --calib-text "$DATA/austen.txt" --bits 3,4 \
     --methods int_asym,nf4,iq4_nl,ant,olive,bitmod --clip 0,1 --calibration "$1" --seq-len 512 \
-    --kl-windows 100000 --batch-size 8 --device cuda --out "$RES" --tag "$TAG" --scale "$SCALE" \
+    --kl-windows 100000 --batch-size 8 --device "$DEVICE" --out "$RES" --tag "$TAG" --scale "$SCALE" \
     --resume --max-minutes "$2" 2>&1 | tee -a "$LOG"
   cp "$RES"/*.csv "$OUT"/ 2>/dev/null
 }
@@ -56,10 +59,11 @@ case "$PART" in
     ;;
   bitmod_train|bitmod_more)
     DATA=/tmp/data/bitmod MODEL=/tmp/wiki-llama-100m RES=/tmp/res/bitmod
+    [ "$SCALE" = ci ] && MODEL=/tmp/ci-wiki-llama RES=/tmp/res/bitmod-ci
     mkdir -p "$DATA" "$RES"
     cp -a .device-carry/bitmod/. "$DATA"/ || { echo "carry .device-carry/bitmod" | tee -a "$LOG"; exit 1; }
     if [ "$PART" = bitmod_train ]; then
-      python -m effllm_lib.train_lm --scale full --preset 100m --tokenizer "$DATA/tok" --text "$DATA/wiki.txt" \
+      python -m effllm_lib.train_lm --scale full --preset "$PRESET" --device "$DEVICE" --results-scale "$SCALE" --tokenizer "$DATA/tok" --text "$DATA/wiki.txt" \
         --extra-text "$DATA/austen.txt" --out "$MODEL" --max-minutes 6 2>&1 | tr '\r' '\n' | grep -v "it/s" \
         | tee -a "$LOG"
       cp data/results/bitmod/train_wiki-llama-100m.csv "$OUT"/ 2>/dev/null
