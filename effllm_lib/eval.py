@@ -145,13 +145,6 @@ class WindowScores:
     top1_same: torch.Tensor  # [n] positions where the model's most likely token is the reference's; NaN likewise
 
 
-def _kl_and_agreement(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 512) -> tuple[float, int]:
-    """Summed KL(softmax(ref) || softmax(logits)) over positions, and how many positions share the argmax;
-    positions in chunks to bound the memory of the [positions, vocab] temporaries."""
-    kls, sames = _kl_and_agreement_parts(ref_logits, logits, chunk)
-    return _sum_parts([float(k) for k in kls], 0.0), int(_sum_parts([int(s) for s in sames], 0))
-
-
 def _kl_and_agreement_parts(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 512):
     """The per-chunk KL sums and argmax agreements as tensors on the device (not read back: on a GPU each read is
     a wait for the whole queue)."""

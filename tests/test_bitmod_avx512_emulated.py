@@ -7,8 +7,6 @@ given here by plain loops (zero-extension of 16 bytes, the 16-lane sum, FP32 -> 
 
 import ctypes
 import random
-import re
-import subprocess
 
 import pytest
 import torch
@@ -16,8 +14,9 @@ import torch
 from effllm_lib.bitmod import cpu_gemv
 from effllm_lib.bitmod.packed import pack_weight, padded_group
 from effllm_lib.bitmod.quantize import quantize_tensor
+from simde_build import build_emulated
 
-simde_py = pytest.importorskip("simde_py", reason="simde-py (SIMDe headers) not installed")
+pytest.importorskip("simde_py", reason="simde-py (SIMDe headers) not installed")
 
 SHIMS = r"""
 #define SIMDE_ENABLE_NATIVE_ALIASES
@@ -66,20 +65,8 @@ class GemvProblem(ctypes.Structure):   # bitmod_kernels.h, field for field
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    src = (cpu_gemv.KERNEL_DIR / "avx512.cpp").read_text()
-    body = re.sub(r"^\s*#(include <immintrin.h>|pragma GCC (push_options|pop_options|target.*))\s*$", "", src,
-                  flags=re.M)
-    assert "pragma GCC target" not in body and "bitmod_gemv_avx512" in body
-    d = tmp_path_factory.mktemp("avx512_simde")
-    (d / "emulated.cpp").write_text(SHIMS + body + RUNNER)
-    lib = d / "emulated.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w", f"-I{simde_py.get_include()}",
-           f"-I{cpu_gemv.KERNEL_DIR}", str(d / "emulated.cpp"), "-o", str(lib)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot build the emulated kernel: {exc}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    lib = build_emulated(cpu_gemv.KERNEL_DIR / "avx512.cpp", SHIMS, cpu_gemv.KERNEL_DIR,
+                         tmp_path_factory.mktemp("avx512_simde"), must_contain="bitmod_gemv_avx512", tail=RUNNER)
     return ctypes.CDLL(str(lib)).run_avx512
 
 

@@ -4,8 +4,6 @@ transformers' SDPA on the unpruned cache, bad input refused. The AVX-512 strip k
 on CPUs without AVX-512 (both layouts), against a float64 reference computed here."""
 
 import ctypes
-import re
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ import torch
 from effllm_lib.sparse.kv_cache import (PackedKV, SparseKVCache, SparseKVConfig, SparseKVLayer, available_kv_kernels,
                                         pack_kv, prune_kv, sparse_kv_attention)
 
+from simde_build import build_emulated  # noqa: E402
 from test_sparse_kv import reference_attention  # noqa: E402  (the float64 reference, shared)
 
 KERNELS = list(available_kv_kernels())
@@ -132,21 +131,8 @@ static inline simde__m512i shim_maskz_expandloadu_epi16(uint32_t mask, const voi
 
 @pytest.fixture(scope="module")
 def emulated_avx512(tmp_path_factory):
-    simde_py = pytest.importorskip("simde_py", reason="simde-py (SIMDe headers) not installed")
-    src = (KERNEL_DIR / "kv_avx512.cpp").read_text()
-    body = re.sub(r"^\s*#(include <immintrin.h>|pragma GCC (push_options|pop_options|target.*))\s*$", "", src,
-                  flags=re.M)
-    assert "pragma GCC target" not in body and "spmv_f32_avx512" in body
-    d = tmp_path_factory.mktemp("kv_avx512_simde")
-    (d / "emulated.cpp").write_text(SHIMS + body)
-    lib = d / "emulated.so"
-    cmd = ["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-w", f"-I{simde_py.get_include()}", f"-I{KERNEL_DIR}",
-           str(d / "emulated.cpp"), "-o", str(lib)]
-    try:
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
-        pytest.skip(f"cannot build the emulated kernel: {exc}")
-    assert res.returncode == 0, res.stderr[-3000:]
+    lib = build_emulated(KERNEL_DIR / "kv_avx512.cpp", SHIMS, KERNEL_DIR, tmp_path_factory.mktemp("kv_avx512_simde"),
+                         must_contain="spmv_f32_avx512")
     return ctypes.CDLL(str(lib)).spmv_f32_avx512
 
 

@@ -44,14 +44,13 @@ import pandas as pd
 import torch
 
 from .. import eval as E
-from .quantize import BitMoDConfig, quantize_
+from .quantize import BitMoDConfig, calibration_ignored, clip_ignored, quantize_
 
 # The methods of the paper's perplexity study (plus the modern micro-scaling baselines), in plotting order.
 METHODS = ("int", "int_asym", "fp", "er", "ea", "ant", "olive", "nf4", "iq4_nl", "q4_k", "q3_k", "mxfp", "nvfp",
            "bitmod")
 FOUR_BIT_ONLY = ("flint", "nf4", "iq4_nl", "q4_k")
 THREE_BIT_ONLY = ("q3_k",)
-OWN_SCALE_SEARCH = ("olive", "iq4_nl", "q4_k", "q3_k")  # the clipping option changes nothing for these
 LABELS = {"float": "float (dequantized GGUF)", "int": "INT sym", "int_asym": "INT asym", "fp": "FP",
           "er": "ER only", "ea": "EA only", "ant": "ANT", "olive": "OliVe", "nf4": "NF4", "iq4_nl": "IQ4_NL",
           "q4_k": "Q4_K", "q3_k": "Q3_K", "mxfp": "MX-FP", "nvfp": "NVFP",
@@ -329,8 +328,6 @@ def same_as(cfg):
         return None
     from dataclasses import replace
 
-    from .quantize import calibration_ignored, clip_ignored
-
     twin = cfg
     if twin.clip and clip_ignored(twin.dtype, twin.bits):
         twin = replace(twin, clip=False)
@@ -589,7 +586,8 @@ def _with_no_op_clip_rows(df: pd.DataFrame) -> pd.DataFrame:
     have_clip = set(zip(clipped.model, clipped.corpus, clipped.bits, clipped.calibration))
     for (model, corpus, config), g in df[~df["clip"].astype(bool)].groupby(["model", "corpus", "config"], sort=False):
         r = g.iloc[0]
-        if r["dtype"] not in OWN_SCALE_SEARCH or (model, corpus, r.bits, r.calibration) not in have_clip:
+        if (r["dtype"] == "float" or (model, corpus, r.bits, r.calibration) not in have_clip
+                or not clip_ignored(r["dtype"], int(r.bits))):
             continue
         twin = BitMoDConfig(bits=int(r.bits), group_size=int(r.group_size), dtype=r["dtype"], clip=True,
                             calibration=r.calibration).label
@@ -703,17 +701,16 @@ class _Budget:
         return quant + max(t["eval_seconds"] for t in timings) + unseen
 
     def __call__(self, cfg, timings: list[dict]) -> bool:
-        quantized = timings  # kl_sweep times the quantized configurations only
-        if not quantized:
+        if not timings:  # kl_sweep times the quantized configurations only: the first one always runs
             return False
-        if self.max_configs is not None and len(quantized) >= self.max_configs:
+        if self.max_configs is not None and len(timings) >= self.max_configs:
             if self.log:
                 self.log(f"effllm: stopping before {cfg.label}: --max-configs {self.max_configs} done")
             return True
         if self.max_minutes is None:
             return False
         elapsed = time.perf_counter() - self.start
-        need = self.estimate(cfg, quantized)
+        need = self.estimate(cfg, timings)
         left = 60 * self.max_minutes - self.reserve - elapsed
         if need > left:
             if self.log:

@@ -20,7 +20,6 @@ the per-column rounding reproduces every data type.
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 
 import torch
 
@@ -48,11 +47,6 @@ def _select(x: torch.Tensor, candidates, ratios) -> tuple[torch.Tensor, torch.Te
             best_c = torch.where(better, torch.full_like(best_c, i), best_c)
             best_r = torch.where(better, torch.full_like(best_r, j), best_r)
     return best_c, best_r
-
-
-@lru_cache(maxsize=64)
-def _value_tuples(dtype: str, bits: int):
-    return Q._absmax_value_tuples(dtype, bits)
 
 
 class _GroupRounder:
@@ -101,7 +95,7 @@ class _GroupRounder:
         elif dtype == "iq4_nl":
             self.d = Q._iq4_nl_scale(x)
         else:  # absmax types: one or more grids
-            self.grids = [dt.grid_tensor(v, x.device, x.dtype) for v in _value_tuples(dtype, bits)]
+            self.grids = [dt.grid_tensor(v, x.device, x.dtype) for v in Q._absmax_value_tuples(dtype, bits)]
             vmax = torch.stack([v.abs().max() for v in self.grids])[cand].unsqueeze(-1)
             self.scale = amax / vmax * ratio
             self.cand = cand

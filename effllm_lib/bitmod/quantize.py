@@ -290,22 +290,16 @@ def _iq4_nl(x: torch.Tensor, importance: torch.Tensor | None = None) -> tuple[to
     return _iq4_nl_round(x, d), d.to(torch.float16).to(x.dtype)
 
 
-@lru_cache(maxsize=16)
-def _iq4_values(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """IQ4_NL's levels on ``device``, made once (a fresh copy per call is a host-to-device copy: a GPU sync)."""
-    return torch.tensor(IQ4_NL_VALUES, dtype=dtype, device=device)
-
-
 def _iq4_nl_round(x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """IQ4_NL codes of ``x`` for the unrounded scale ``d`` (llama.cpp rounds with 1/d), dequantized with d in FP16."""
-    values = _iq4_values(x.device, x.dtype)
+    values = dt.grid_tensor(IQ4_NL_VALUES, x.device, x.dtype)  # cached per device: no copy, no sync
     inv = torch.where(d != 0, 1 / torch.where(d != 0, d, torch.ones_like(d)), torch.zeros_like(d))
     return values[_nearest_index_ties_up(inv * x, values)] * d.to(torch.float16).to(x.dtype)
 
 
 def _iq4_nl_scale(x: torch.Tensor, importance: torch.Tensor | None = None) -> torch.Tensor:
     """The (unrounded) scale d per group of ``_iq4_nl``'s search."""
-    values = _iq4_values(x.device, x.dtype)
+    values = dt.grid_tensor(IQ4_NL_VALUES, x.device, x.dtype)  # cached per device: no copy, no sync
     if importance is None:
         w = x * x
     else:
@@ -410,8 +404,9 @@ def calibration_ignored(dtype: str, bits: int, clip: bool) -> bool:
 _READS_IMPORTANCE = ("iq4_nl",)  # candidates whose quantizer itself uses the importance weights
 
 
+@lru_cache(maxsize=64)
 def _absmax_value_tuples(dtype: str, bits: int) -> list[tuple[float, ...]] | None:
-    """``_absmax_value_sets`` as tuples of floats (what the per-device caches key on)."""
+    """``_absmax_value_sets`` as tuples of floats (what the per-device caches key on), made once."""
     sets = _absmax_value_sets(dtype, bits)
     return None if sets is None else [tuple(v.tolist()) for v in sets]
 
@@ -450,6 +445,8 @@ def _fast_search(dtype: str, bits: int, device: torch.device, work_dtype: torch.
 # On a GPU, chunks of at least this many weights x ratios (~1 GB of temporaries): the work per chunk is tiny and
 # small chunks leave the GPU waiting on kernel launches.
 GPU_CHUNK_ELEMENTS = 1 << 25
+
+
 @dataclass
 class TensorQuant:
     """The dequantized weight, per-group type ids (selection methods only) and the group count."""
